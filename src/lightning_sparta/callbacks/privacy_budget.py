@@ -1,0 +1,167 @@
+"""Log the privacy budget spent as training goes, and stop before a budget is exceeded."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_sparta.privacy.accountant import validate_delta
+from lightning_sparta.strategy import DPStrategy
+
+
+class PrivacyBudgetCallback(Callback):
+    """Logs ε (with δ, σ, q and the step count) to every logger of the Trainer.
+
+    ε is computed by the strategy's accountant over every private step so far (training steps and
+    SPARTA's scoring steps alike). With ``stop_at_epsilon`` the callback stops training *before* the
+    step that would take ε above the budget: it checks the ε the next step would give, not the ε of
+    the last one. At the end of fitting rank 0 prints a short privacy summary.
+
+    Args:
+        delta: δ at which ε is reported; the strategy's ``target_delta`` by default.
+        stop_at_epsilon: stop before exceeding this ε; ``None`` never stops.
+        log_every_n_steps: log every N optimizer steps; the Trainer's ``log_every_n_steps`` by
+            default. ε is also logged at every epoch end.
+
+    Raises:
+        ValueError: for a bad argument.
+        TypeError: at ``setup`` if the Trainer does not use :class:`DPStrategy`.
+
+    Example:
+        >>> PrivacyBudgetCallback(stop_at_epsilon=8.0).stop_at_epsilon
+        8.0
+    """
+
+    def __init__(
+        self,
+        delta: float | None = None,
+        stop_at_epsilon: float | None = None,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        self.delta = None if delta is None else validate_delta(delta, "delta")
+        if stop_at_epsilon is not None and (
+            isinstance(stop_at_epsilon, bool)
+            or not isinstance(stop_at_epsilon, (int, float))
+            or not stop_at_epsilon > 0
+        ):
+            raise ValueError(f"`stop_at_epsilon` must be a number > 0 or None, got {stop_at_epsilon!r}.")
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be a positive integer or None, got {log_every_n_steps!r}.")
+        self.stop_at_epsilon = None if stop_at_epsilon is None else float(stop_at_epsilon)
+        self.log_every_n_steps = log_every_n_steps
+        self.stopped_early = False
+        self._allowed_steps: int | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy, DPStrategy):
+            raise TypeError(
+                f"PrivacyBudgetCallback needs `Trainer(strategy=DPStrategy(...))`, found "
+                f"{type(trainer.strategy).__name__}."
+            )
+
+    def metrics(self, strategy: DPStrategy) -> dict[str, float]:
+        """The privacy metrics logged at each point: ε, δ, σ, q and the number of private steps."""
+        return {
+            "epsilon": strategy.epsilon(self.delta),
+            "privacy/delta": self.delta if self.delta is not None else strategy.target_delta,
+            "privacy/noise_multiplier": float(strategy.noise_multiplier or 0.0),
+            "privacy/sample_rate": float(strategy.sample_rate or 0.0),
+            "privacy/steps": float(strategy.steps),
+        }
+
+    def _log(self, trainer: pl.Trainer) -> dict[str, float]:
+        metrics = self.metrics(trainer.strategy)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        return metrics
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._allowed_steps = None  # σ is resolved after the callbacks' on_train_start
+        self.stopped_early = False
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> int | None:
+        if self.stop_at_epsilon is None:
+            return None
+        strategy: DPStrategy = trainer.strategy
+        if strategy.steps + 1 <= self._budget_steps(strategy):
+            return None
+        self.stopped_early = True
+        trainer.should_stop = True
+        rank_zero_warn(
+            f"PrivacyBudgetCallback: stopping before step {strategy.steps + 1}: it would bring ε to "
+            f"{strategy.epsilon_after(1, self.delta):.3f} > stop_at_epsilon={self.stop_at_epsilon} "
+            f"(ε so far: {strategy.epsilon(self.delta):.3f})."
+        )
+        return -1  # skip the rest of the epoch; should_stop ends the fit
+
+    def _budget_steps(self, strategy: DPStrategy) -> int:
+        """Total number of private steps whose ε stays within ``stop_at_epsilon`` (bisection, cached)."""
+        if self._allowed_steps is not None:
+            return self._allowed_steps
+        assert self.stop_at_epsilon is not None
+        done = strategy.steps
+        if strategy.epsilon_after(1, self.delta) > self.stop_at_epsilon:
+            self._allowed_steps = done
+            return done
+        low, high = 1, 2
+        while strategy.epsilon_after(high, self.delta) <= self.stop_at_epsilon:
+            low, high = high, 2 * high
+            if high > 10**9:
+                break
+        while high - low > 1:
+            mid = (low + high) // 2
+            if strategy.epsilon_after(mid, self.delta) <= self.stop_at_epsilon:
+                low = mid
+            else:
+                high = mid
+        self._allowed_steps = done + low
+        return self._allowed_steps
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every == 0:
+            epsilon = self._log(trainer)["epsilon"]
+            pl_module.log("epsilon", epsilon, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(self.summary(trainer.strategy))
+
+    def summary(self, strategy: DPStrategy) -> str:
+        """A short human-readable account of the privacy spent."""
+        m = self.metrics(strategy)
+        eps = m["epsilon"]
+        lines = [
+            "Privacy summary",
+            f"  ε = {eps:.3f} at δ = {m['privacy/delta']:g} ({strategy.accountant_name} accountant)"
+            if math.isfinite(eps)
+            else f"  ε = inf: NOT PRIVATE ({strategy.non_private_reason})",
+            f"  σ = {m['privacy/noise_multiplier']:.4f}, C = {strategy.max_grad_norm:g}, "
+            f"q = {m['privacy/sample_rate']:.5f}, steps = {int(m['privacy/steps'])}",
+        ]
+        if self.stopped_early:
+            lines.append(f"  stopped early to stay within stop_at_epsilon = {self.stop_at_epsilon}")
+        return "\n".join(lines)
+
+
+__all__ = ["PrivacyBudgetCallback"]

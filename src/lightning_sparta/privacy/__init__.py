@@ -1,0 +1,24 @@
+"""Privacy machinery: accountants, σ calibration, Poisson sampling and per-sample gradients."""
+
+from lightning_sparta.privacy.accountant import (
+    ACCOUNTANT_NAMES,
+    calibrate_noise_multiplier,
+    create_accountant,
+    epsilon_for,
+)
+from lightning_sparta.privacy.per_sample import PerSampleGradients, register_broadcast_parameters
+from lightning_sparta.privacy.sampler import DPDataLoader, PoissonBatchSampler
+from lightning_sparta.privacy.validation import IncompatibleModelError, validate_model
+
+__all__ = [
+    "ACCOUNTANT_NAMES",
+    "DPDataLoader",
+    "IncompatibleModelError",
+    "PerSampleGradients",
+    "PoissonBatchSampler",
+    "calibrate_noise_multiplier",
+    "create_accountant",
+    "epsilon_for",
+    "register_broadcast_parameters",
+    "validate_model",
+]

@@ -1,0 +1,160 @@
+"""Privacy accounting: accountant creation, ε queries and σ calibration.
+
+Every private step of this package (a DP-SGD update, or one batch of SPARTA's scoring epoch) is a
+sampled Gaussian mechanism with sampling rate ``q`` and noise multiplier ``σ``; the accountant
+composes them. We reuse Opacus' accountants (PRV of Gopi et al. 2021, RDP of Mironov 2017, and the
+Gaussian-DP CLT approximation) and keep their history format: a list of ``(σ, q, steps)`` tuples.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, get_args
+
+from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
+
+AccountantName = Literal["prv", "rdp", "gdp"]
+
+_ACCOUNTANTS: dict[str, type[IAccountant]] = {
+    "prv": PRVAccountant,
+    "rdp": RDPAccountant,
+    "gdp": GaussianAccountant,
+}
+
+# Opacus' own search bound for σ; a budget that needs more noise than this is unreachable in practice.
+_MAX_SIGMA = 1e6
+
+
+def create_accountant(name: str) -> IAccountant:
+    """Create an empty accountant by name.
+
+    Args:
+        name: one of ``"prv"``, ``"rdp"`` or ``"gdp"``.
+
+    Returns:
+        A fresh Opacus accountant.
+
+    Raises:
+        ValueError: if ``name`` is not a registered accountant.
+
+    Example:
+        >>> create_accountant("rdp").mechanism()
+        'rdp'
+    """
+    if name not in _ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {sorted(_ACCOUNTANTS)}, got {name!r}.")
+    return _ACCOUNTANTS[name]()
+
+
+def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
+    """ε after the composition of the sampled Gaussian mechanisms in ``history``.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` tuples, the format of Opacus' accountants.
+        delta: the δ at which ε is reported.
+        accountant: the accountant's name.
+
+    Returns:
+        ε, ``0.0`` for an empty history and ``inf`` when any step had no noise.
+
+    Example:
+        >>> round(epsilon_for([(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp"), 3)
+        1.781
+    """
+    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not history:
+        return 0.0
+    if any(s == 0.0 for s, _, _ in history):
+        return math.inf
+    acc = create_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest σ (to ``tolerance`` in ε) such that ``steps`` steps at rate ``q`` cost at most ε.
+
+    Bisection on σ, with ε evaluated by the same accountant that will account the run, so the
+    calibrated run never ends above ``target_epsilon``.
+
+    Args:
+        target_epsilon: the ε to reach after exactly ``steps`` private steps.
+        delta: the δ of the guarantee.
+        sample_rate: Poisson sampling rate ``q``.
+        steps: number of private steps the run will take (training and scoring steps alike).
+        accountant: the accountant's name.
+        tolerance: how far below ``target_epsilon`` the result may land.
+
+    Returns:
+        The noise multiplier σ.
+
+    Raises:
+        ValueError: if the budget cannot be reached with any σ below 1e6.
+
+    Example:
+        >>> sigma = calibrate_noise_multiplier(2.0, 1e-5, sample_rate=0.01, steps=1000, accountant="rdp")
+        >>> epsilon_for([(sigma, 0.01, 1000)], 1e-5, "rdp") <= 2.0
+        True
+    """
+    if steps <= 0:
+        raise ValueError(f"`steps` must be positive to calibrate σ, got {steps}.")
+
+    def eps(sigma: float) -> float:
+        return epsilon_for([(sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2.0 * high
+        if high > _MAX_SIGMA:
+            raise ValueError(
+                f"target_epsilon={target_epsilon} with target_delta={delta} is unreachable for "
+                f"{steps} steps at sample rate {sample_rate:.4g}: even σ={_MAX_SIGMA:g} exceeds it."
+            )
+    eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance and high - low > 1e-6:
+        mid = 0.5 * (low + high)
+        eps_mid = eps(mid)
+        if eps_mid <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
+def validate_delta(delta: float, name: str = "target_delta") -> float:
+    """Check that δ lies in (0, 1) and return it as a float."""
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0.0 < delta < 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1), got {delta!r}.")
+    return float(delta)
+
+
+def warn_if_delta_too_large(delta: float, num_samples: int) -> None:
+    """Warn when δ ≥ 1/n: such a δ allows mechanisms that publish a whole record."""
+    if num_samples > 0 and delta >= 1.0 / num_samples:
+        warnings.warn(
+            f"target_delta={delta:g} is not smaller than 1/n = 1/{num_samples}: a guarantee with "
+            "δ ≥ 1/n is weak (it allows releasing a record outright). Use δ ≪ 1/n, e.g. 1/(10·n).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+ACCOUNTANT_NAMES: tuple[str, ...] = get_args(AccountantName)
+
+__all__ = [
+    "ACCOUNTANT_NAMES",
+    "AccountantName",
+    "calibrate_noise_multiplier",
+    "create_accountant",
+    "epsilon_for",
+    "validate_delta",
+    "warn_if_delta_too_large",
+]

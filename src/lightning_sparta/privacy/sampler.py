@@ -1,0 +1,189 @@
+"""Poisson sampling of the training set, on one device or across DDP ranks.
+
+The privacy analysis of DP-SGD (the sampled Gaussian mechanism) assumes that every example enters
+each logical batch independently with probability ``q``. :class:`PoissonBatchSampler` draws that
+batch from a generator keyed by ``(seed, epoch, step)``, so
+
+* every rank draws the *same* global batch and keeps the slice ``batch[rank::world_size]``: the
+  union over ranks is exactly one Poisson sample of the whole data set;
+* every rank runs the same number of steps, empty batches included (an empty batch is a valid
+  step: the update is noise only), so DDP never hangs on unequal step counts;
+* each epoch draws fresh batches, and a run resumed from a checkpoint draws the same ones again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Number of Poisson steps that make one epoch: ``round(1 / q)``, at least 1.
+
+    Example:
+        >>> steps_per_epoch(256 / 50_000)
+        195
+    """
+    return max(1, round(1.0 / sample_rate))
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Batch sampler that draws Poisson batches with rate ``sample_rate``.
+
+    Args:
+        num_samples: size ``n`` of the (global) training set.
+        sample_rate: probability ``q`` that an example enters a logical batch.
+        seed: base seed shared by all ranks; the draws depend only on ``(seed, epoch, step)``.
+        num_replicas: number of DDP ranks.
+        rank: this process' rank.
+        steps: steps per epoch; ``round(1 / q)`` by default.
+
+    Example:
+        >>> sampler = PoissonBatchSampler(num_samples=1000, sample_rate=0.1, seed=0)
+        >>> len(sampler)
+        10
+        >>> batches = list(sampler)
+        >>> 50 < sum(map(len, batches)) / len(batches) < 150
+        True
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        steps: int | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"`num_samples` must be positive, got {num_samples}.")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"`rank` must be in [0, num_replicas={num_replicas}), got {rank}.")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.seed = int(seed)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.steps = steps if steps is not None else steps_per_epoch(sample_rate)
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, step) where the next iteration starts
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next iteration draws (Lightning calls this)."""
+        self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, step: int) -> None:
+        """Make the next iteration of ``epoch`` start at ``step`` (mid-epoch resume)."""
+        self._resume = (int(epoch), int(step))
+
+    def global_batch(self, epoch: int, step: int) -> np.ndarray:
+        """The indices of the union of all ranks' batches at ``(epoch, step)``."""
+        rng = np.random.default_rng([self.seed, epoch, step])
+        return np.flatnonzero(rng.random(self.num_samples) < self.sample_rate)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        for step in range(start, self.steps):
+            yield self.global_batch(self.epoch, step)[self.rank :: self.num_replicas].tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class EmptyBatchCollate:
+    """Wraps a collate function so that an empty list of indices gives a batch of size 0.
+
+    The empty batch has the structure, dtypes and trailing shapes of a real one (it is a real
+    batch of one example, sliced to zero rows), so the training step can recognise it.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset) -> None:
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+
+    def __call__(self, samples: list[Any]) -> Any:
+        if len(samples) > 0:
+            return self.collate_fn(samples)
+        return _slice_batch(self.collate_fn([self.dataset[0]]), 0, 0)
+
+
+def _slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in a (nested) batch; other leaves are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, _slice_batch(v, start, stop)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_slice_batch(v, start, stop) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_batch(v, start, stop) for v in batch)
+    return batch
+
+
+def batch_size_of(batch: Any) -> int:
+    """The leading dimension of the first tensor found in a (nested) batch.
+
+    Raises:
+        ValueError: if the batch holds no tensor with a batch dimension.
+    """
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
+        return batch.shape[0]
+    values = list(batch.values()) if isinstance(batch, dict) else batch
+    if isinstance(values, (list, tuple)):
+        for value in values:
+            try:
+                return batch_size_of(value)
+            except ValueError:
+                continue
+    raise ValueError(f"Cannot find the batch size of a batch of type {type(batch).__name__}.")
+
+
+def split_batch(batch: Any, micro_batch_size: int) -> list[Any]:
+    """Split a (nested) batch along its first dimension into micro-batches of at most the given size."""
+    size = batch_size_of(batch)
+    if size <= micro_batch_size:
+        return [batch]
+    return [_slice_batch(batch, i, i + micro_batch_size) for i in range(0, size, micro_batch_size)]
+
+
+class DPDataLoader(DataLoader):
+    """A DataLoader over a :class:`PoissonBatchSampler` whose position survives checkpoints.
+
+    Lightning saves ``state_dict()`` of stateful training loaders in its checkpoints and restores
+    it on resume; the state is the epoch and the number of steps already taken in it, so a resumed
+    run draws exactly the batches the uninterrupted run would have drawn.
+    """
+
+    batch_sampler: PoissonBatchSampler
+
+    def __init__(self, *args: Any, position_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        position = self._position_fn() if self._position_fn is not None else 0
+        return {"epoch": self.batch_sampler.epoch, "step": position, "seed": self.batch_sampler.seed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batch_sampler.seed = state_dict["seed"]
+        self.batch_sampler.resume_at(state_dict["epoch"], state_dict["step"])
+
+
+__all__ = [
+    "DPDataLoader",
+    "EmptyBatchCollate",
+    "PoissonBatchSampler",
+    "batch_size_of",
+    "split_batch",
+    "steps_per_epoch",
+]

@@ -1,0 +1,643 @@
+"""DP-SGD as a Lightning strategy: per-sample clipping, Gaussian noise, Poisson sampling, accounting.
+
+One step of :class:`DPStrategy` is eq. (1) of the SPARTA paper (Abadi et al.'s DP-SGD):
+
+.. math::
+
+    \\tilde g = \\frac{1}{qn}\\Big(\\sum_{i\\in B} g_i \\min\\big(1, \\tfrac{C}{\\|g_i\\|_2}\\big)
+              + \\mathcal N(0, \\sigma^2 C^2 I)\\Big)
+
+where ``B`` is a Poisson sample of the training set with rate ``q``, ``g_i`` is the gradient of
+sample ``i``'s own loss over *all* trainable parameters, ``C`` is ``max_grad_norm`` and ``σ`` the
+noise multiplier. The strategy owns the training loader's sampling, clips and noises the gradient
+and steps the accountant; the user's optimizer and LR schedulers are used unchanged.
+
+In DDP every rank draws the same global Poisson batch and keeps its slice, the clipped sums are
+all-reduced, and the noise is drawn once, on rank 0, before the reduction: every rank then applies
+the identical update, so the parameters stay identical without DDP's gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from opacus.accountants import IAccountant
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_sparta.privacy.accountant import (
+    ACCOUNTANT_NAMES,
+    AccountantName,
+    calibrate_noise_multiplier,
+    create_accountant,
+    epsilon_for,
+    validate_delta,
+    warn_if_delta_too_large,
+)
+from lightning_sparta.privacy.per_sample import PerSampleGradients
+from lightning_sparta.privacy.sampler import (
+    DPDataLoader,
+    EmptyBatchCollate,
+    PoissonBatchSampler,
+    batch_size_of,
+    split_batch,
+)
+from lightning_sparta.privacy.validation import validate_model
+
+_CHECKPOINT_KEY = "lightning_sparta.dp_strategy"
+_SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
+# Lightning fills in max_epochs=1000 when neither max_epochs nor max_steps is given.
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+class DPStrategy(DDPStrategy):
+    """Train any automatic-optimization LightningModule with DP-SGD, on one device or with DDP.
+
+    Args:
+        noise_multiplier: σ, the noise std in units of ``max_grad_norm``. Give this or
+            ``target_epsilon``. ``0`` disables noise (debugging only: the run is then not private).
+        target_epsilon: calibrate σ so that the whole run (``max_epochs``/``max_steps`` of Poisson
+            steps, SPARTA's scoring epoch included) ends at this ε.
+        target_delta: the δ of the guarantee; also the δ at which ε is reported.
+        max_grad_norm: clipping threshold ``C`` of each sample's gradient (flat, over all trainable
+            parameters).
+        accountant: ``"prv"`` (Gopi et al., Opacus' default), ``"rdp"`` or ``"gdp"``.
+        physical_batch_size: split each logical Poisson batch into micro-batches of at most this many
+            samples per device: clipped gradients accumulate and one noisy step is taken per logical
+            batch. ``None`` processes the logical batch in one pass.
+        loss_reduction: how ``training_step``'s scalar loss reduces over the batch: ``"mean"`` (the
+            default of torch losses) or ``"sum"``. A ``training_step`` that returns one loss per
+            sample (shape ``[batch]``) is summed and needs no declaration.
+        seed: seed of the Poisson sampler and of the noise; drawn from torch's RNG (so fixed by
+            ``seed_everything``) when ``None``. Not a cryptographically secure source of randomness.
+        epsilon_tolerance: how far below ``target_epsilon`` calibration may land.
+        start_method: DDP launch method (``"popen"``, ``"spawn"``, ``"fork"``); see Lightning's DDP.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; chosen from the device when ``None``.
+        timeout: DDP collective timeout.
+
+    Raises:
+        ValueError: for a bad argument; the message names it and the value found.
+
+    Example:
+        >>> strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+        >>> strategy.noise_multiplier
+        1.0
+    """
+
+    strategy_name = "dp"
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: AccountantName = "prv",
+        physical_batch_size: int | None = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        seed: int | None = None,
+        epsilon_tolerance: float = 0.01,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {
+            "start_method": start_method,
+            "process_group_backend": process_group_backend,
+        }
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        super().__init__(**kwargs)
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "Give exactly one of `noise_multiplier` and `target_epsilon`, got "
+                f"noise_multiplier={noise_multiplier!r} and target_epsilon={target_epsilon!r}."
+            )
+        if noise_multiplier is not None:
+            _check_number("noise_multiplier", noise_multiplier, minimum=0.0, inclusive=True)
+            if noise_multiplier == 0:
+                warnings.warn(
+                    "noise_multiplier=0: no noise is added and the run is NOT differentially private "
+                    "(ε = inf). Use this for debugging only.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if target_epsilon is not None:
+            _check_number("target_epsilon", target_epsilon, minimum=0.0)
+        _check_number("max_grad_norm", max_grad_norm, minimum=0.0)
+        _check_number("epsilon_tolerance", epsilon_tolerance, minimum=0.0)
+        if accountant not in ACCOUNTANT_NAMES:
+            raise ValueError(f"`accountant` must be one of {list(ACCOUNTANT_NAMES)}, got {accountant!r}.")
+        if physical_batch_size is not None and (
+            not isinstance(physical_batch_size, int) or isinstance(physical_batch_size, bool) or physical_batch_size < 1
+        ):
+            raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
+
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.target_delta = validate_delta(target_delta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.accountant_name: str = accountant
+        self.physical_batch_size = physical_batch_size
+        self.loss_reduction = loss_reduction
+        self.epsilon_tolerance = float(epsilon_tolerance)
+        self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        self._seed = seed
+        self.accountant: IAccountant = create_accountant(accountant)
+        self.sample_rate: float | None = None
+        self.num_samples: int | None = None
+        self.steps_per_epoch: int | None = None
+        self.engine = PerSampleGradients()
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._attached_params: tuple[int, ...] | None = None
+        self._summed: dict[nn.Parameter, torch.Tensor] = {}
+        self._scores: dict[str, nn.Parameter] | None = None  # scoring mode: name -> scored parameter
+        self._score_sums: dict[str, torch.Tensor] = {}
+        self._epoch_position = 0
+        self._micro_batch_size = 0
+        self._non_private_reason: str | None = None
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def noise_multiplier(self) -> float | None:
+        """σ: given, or calibrated from ``target_epsilon`` once fitting has started."""
+        return self._noise_multiplier
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q·n``: the expected size of a global logical batch, the divisor of eq. (1)."""
+        if self.sample_rate is None or self.num_samples is None:
+            raise RuntimeError("The expected batch size is known once the training data is set up.")
+        return self.sample_rate * self.num_samples
+
+    @property
+    def steps(self) -> int:
+        """Number of private steps accounted so far (training and scoring)."""
+        return sum(n for _, _, n in self.accountant.history)
+
+    @property
+    def is_private(self) -> bool:
+        """False when some step had no noise or a non-private component (e.g. an oracle mask) was used."""
+        return self._non_private_reason is None and self._noise_multiplier != 0
+
+    def mark_not_private(self, reason: str) -> None:
+        """Record that the run lost its DP guarantee (every ε report then says so)."""
+        self._non_private_reason = reason
+
+    @property
+    def non_private_reason(self) -> str | None:
+        """Why the run is not private, or ``None``."""
+        if self._non_private_reason is not None:
+            return self._non_private_reason
+        return "noise_multiplier=0" if self._noise_multiplier == 0 else None
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far, at ``delta`` (``target_delta`` by default); ``inf`` for a non-private run."""
+        delta = self.target_delta if delta is None else validate_delta(delta, "delta")
+        if self._non_private_reason is not None:
+            return math.inf
+        return epsilon_for(self.accountant.history, delta, self.accountant_name)
+
+    def epsilon_after(self, extra_steps: int, delta: float | None = None) -> float:
+        """ε the run would have spent after ``extra_steps`` more steps at the current (σ, q)."""
+        delta = self.target_delta if delta is None else validate_delta(delta, "delta")
+        if self._non_private_reason is not None:
+            return math.inf
+        history = [*self.accountant.history, (self._noise_multiplier, self.sample_rate, extra_steps)]
+        return epsilon_for(history, delta, self.accountant_name)
+
+    # ------------------------------------------------------------------------------ DDP plumbing
+    @override
+    def setup_distributed(self) -> None:
+        if self.num_nodes * self.num_processes == 1:
+            self.set_world_ranks()  # one process: no process group needed
+            return
+        super().setup_distributed()
+
+    @override
+    def configure_ddp(self) -> None:
+        # No DistributedDataParallel wrapper: gradients are clipped per sample, summed, noised once
+        # and all-reduced by this strategy. DDP's own all-reduce would average non-private gradients.
+        pass
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._validate_trainer(trainer)
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            if len(self.optimizers) != 1:
+                raise ValueError(
+                    f"DPStrategy supports exactly one optimizer (with any number of param groups), "
+                    f"`configure_optimizers` returned {len(self.optimizers)}."
+                )
+            self._setup_randomness()
+
+    def _validate_trainer(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        if not module.automatic_optimization:
+            raise ValueError(
+                "DPStrategy needs automatic optimization (`automatic_optimization=True`): with manual "
+                "optimization the strategy cannot clip per-sample gradients before your optimizer steps."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` is not supported by DPStrategy: "
+                "Lightning divides the loss before backward, which rescales per-sample gradients before "
+                "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
+            )
+        precision = str(trainer.precision)
+        if precision not in _SUPPORTED_PRECISION:
+            hint = (
+                " The GradScaler of '16-mixed' unscales `p.grad` but not the per-sample gradients, so "
+                "clipping would use scaled norms."
+                if precision.startswith("16")
+                else ""
+            )
+            raise ValueError(
+                f"`precision={precision!r}` is not supported by DPStrategy; use one of "
+                f"{list(_SUPPORTED_PRECISION)} ('bf16-mixed' for mixed precision).{hint}"
+            )
+        validate_model(module)
+
+    def _setup_randomness(self) -> None:
+        state = self._pending_state
+        if state is not None:
+            seed = state["seed"]
+        elif self._seed is not None:
+            seed = self._seed
+        else:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._seed = int(self.broadcast(seed))
+        self._generator = torch.Generator(device=self.root_device)
+        self._generator.manual_seed(self._seed + 1)
+        if state is not None and state.get("generator") is not None:
+            self._generator.set_state(
+                state["generator"].to("cpu") if self.root_device.type == "cpu" else state["generator"]
+            )
+
+    # ------------------------------------------------------------------------------ data
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self._lightning_module is not None else None
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        return self._poisson_loader(dataloader)
+
+    def _poisson_loader(self, dataloader: object) -> DPDataLoader:
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"DPStrategy needs the training data as a torch DataLoader over a map-style dataset, got "
+                f"{type(dataloader).__name__}."
+            )
+        dataset = dataloader.dataset
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"The training dataset is an IterableDataset ({type(dataset).__name__}): Poisson sampling "
+                "needs random access. Use a map-style dataset (with __getitem__ and __len__)."
+            )
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        if num_samples == 0:
+            raise ValueError("The training dataset is empty: DP-SGD needs training data.")
+        batch_size = dataloader.batch_size or getattr(dataloader.batch_sampler, "batch_size", None)
+        if not batch_size:
+            raise ValueError(
+                "The training DataLoader has no `batch_size`: DPStrategy derives the sampling rate "
+                "q = batch_size / len(dataset) from it."
+            )
+        if batch_size > num_samples:
+            raise ValueError(
+                f"The training DataLoader's batch_size={batch_size} exceeds the dataset size {num_samples}."
+            )
+        self.num_samples = num_samples
+        self.sample_rate = batch_size / num_samples
+        if self.target_epsilon is None or self._pending_state is None:
+            warn_if_delta_too_large(self.target_delta, num_samples)
+        if self._pending_state is not None and abs(self._pending_state["sample_rate"] - self.sample_rate) > 1e-12:
+            raise ValueError(
+                f"The checkpoint was trained with sample rate {self._pending_state['sample_rate']:.6g}, the "
+                f"resumed run has {self.sample_rate:.6g}: keep batch_size and the dataset unchanged on resume."
+            )
+        sampler = PoissonBatchSampler(
+            num_samples,
+            self.sample_rate,
+            seed=self._seed or 0,
+            num_replicas=self.world_size,
+            rank=self.global_rank,
+        )
+        self.steps_per_epoch = len(sampler)
+        return DPDataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=dataloader.num_workers,
+            collate_fn=EmptyBatchCollate(dataloader.collate_fn, dataset),
+            pin_memory=dataloader.pin_memory,
+            worker_init_fn=dataloader.worker_init_fn,
+            persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
+            position_fn=lambda: self._epoch_position,
+        )
+
+    # ------------------------------------------------------------------------------ fit start
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        if self.sample_rate is None:
+            raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
+        state, self._pending_state = self._pending_state, None
+        if state is not None:
+            self._noise_multiplier = state["noise_multiplier"]
+            self.accountant.history = [tuple(h) for h in state["history"]]
+            self._non_private_reason = state.get("non_private_reason")
+        elif self.target_epsilon is not None:
+            steps = self._planned_steps(trainer)
+            sigma = calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.target_delta,
+                self.sample_rate,
+                steps,
+                self.accountant_name,
+                self.epsilon_tolerance,
+            )
+            self._noise_multiplier = float(self.broadcast(sigma))
+            rank_zero_info(
+                f"DPStrategy: σ = {self._noise_multiplier:.4f} reaches ε = {self.target_epsilon} at "
+                f"δ = {self.target_delta:g} after {steps} steps at q = {self.sample_rate:.5f} ({self.accountant_name})."
+            )
+        self._refresh_hooks(verbose=True)
+
+    def _planned_steps(self, trainer: pl.Trainer) -> int:
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        per_epoch = trainer.num_training_batches
+        unbounded = max_epochs in (None, -1) or (max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1)
+        if unbounded and max_steps == -1:
+            raise ValueError(
+                "`target_epsilon` needs the length of the run to calibrate σ: set `Trainer(max_epochs=...)` "
+                f"or `Trainer(max_steps=...)` (found max_epochs={max_epochs}, max_steps={max_steps}; Lightning "
+                f"uses {_LIGHTNING_DEFAULT_MAX_EPOCHS} when neither is set)."
+            )
+        if not math.isfinite(per_epoch):
+            raise ValueError("`target_epsilon` needs a training loader of known length.")
+        epoch_steps = None if unbounded else max_epochs * int(per_epoch)
+        candidates = [s for s in (epoch_steps, max_steps if max_steps != -1 else None) if s is not None]
+        return min(candidates)
+
+    def _refresh_hooks(self, verbose: bool = False) -> None:
+        """Re-attach the per-sample hooks when the set of trainable parameters changed."""
+        model = self.lightning_module
+        trainable = tuple(id(p) for p in model.parameters() if p.requires_grad)
+        if trainable == self._attached_params:
+            return
+        self.engine.attach(model)
+        self._attached_params = trainable
+        functorch = [p.module or "<root>" for p in self.engine.paths() if p.path == "functorch"]
+        if verbose:
+            rank_zero_info("DPStrategy per-sample gradient paths:\n" + self.engine.summary())
+        if functorch:
+            warnings.warn(
+                f"Per-sample gradients of {functorch} use the slow functorch fallback: no grad sampler is "
+                "registered for their exact type (see `opacus.grad_sample.register_grad_sampler`).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------------------ the step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._refresh_hooks()
+        for p in self.engine.parameters:
+            p.grad = None  # we own the gradients; stale ones would hide a missing per-sample gradient
+        batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
+        size = batch_size_of(batch)
+        self._micro_batch_size = 0
+        self._epoch_position = self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if size == 0:  # an empty Poisson batch: a valid step whose update is noise only
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        micro_batches = split_batch(batch, self.physical_batch_size) if self.physical_batch_size else [batch]
+        loss_sum = torch.zeros((), device=self.root_device)
+        for i, micro in enumerate(micro_batches):
+            self._micro_batch_size = batch_size_of(micro)
+            output = super().training_step(micro, *rest, **kwargs)
+            loss, mean_loss = self._sum_of_losses(output, self._micro_batch_size)
+            loss_sum = loss_sum + mean_loss * self._micro_batch_size
+            if i < len(micro_batches) - 1:
+                loss.backward()
+                self._clip_and_accumulate()
+        # Backpropagate the sum of per-sample losses of the last micro-batch; show the batch's mean loss.
+        return _replace_loss(output, loss + (loss_sum / size - loss.detach()))
+
+    def _sum_of_losses(self, output: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to backpropagate and the batch's mean loss (for display).
+
+        Sets the engine's loss scale so that per-sample gradients are those of each sample's own loss.
+        """
+        loss = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"`training_step` must return a loss tensor or a dict with a 'loss' tensor, got {type(loss).__name__}."
+            )
+        if loss.dim() == 1 and loss.shape[0] == batch_size:  # one loss per sample
+            self.engine.loss_scale = 1.0
+            return loss.sum(), loss.detach().mean()
+        if loss.dim() != 0:
+            raise ValueError(
+                f"`training_step` returned a loss of shape {tuple(loss.shape)}: return a scalar or one loss "
+                f"per sample (shape [{batch_size}])."
+            )
+        if self.loss_reduction == "mean":
+            self.engine.loss_scale = float(batch_size)
+            return loss, loss.detach()
+        self.engine.loss_scale = 1.0
+        return loss, loss.detach() / batch_size
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        model = model or self.lightning_module
+        with self.engine.capturing(), warnings.catch_warnings():
+            # The first layer's input needs no gradient; its hook then fires on the output alone.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            closure_result = closure()
+        self._clip_and_accumulate()
+        if self._scores is not None:
+            self._score_step()
+        else:
+            self._noisy_gradient()
+            self.precision_plugin._after_closure(model, optimizer)  # on_before_optimizer_step hooks
+            optimizer.step(**kwargs)
+        self.accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self.sample_rate)
+        return closure_result
+
+    def _clip_and_accumulate(self) -> None:
+        """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums."""
+        if self._micro_batch_size == 0:
+            return
+        params = self.engine.parameters
+        for p in params:
+            if p.grad is not None and getattr(p, "grad_sample", None) is None and p.grad.abs().sum() > 0:
+                raise RuntimeError(
+                    f"Parameter `{self.engine.parameter_names[p]}` received a gradient but no per-sample "
+                    "gradient: it is used outside the forward pass of the module that owns it. Its update "
+                    "would not be private; freeze it or use it inside a module with a grad sampler."
+                )
+        norms = self.engine.per_sample_norms(params)
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        scored = {id(p) for p in (self._scores or {}).values()}
+        for p in params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if grad_sample is None:
+                continue
+            if id(p) in scored:
+                grad_sample = grad_sample.abs()
+            clipped = torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample)
+            self._summed[p] = self._summed[p] + clipped if p in self._summed else clipped
+        self.engine.clear()
+        for p in params:
+            p.grad = None
+
+    def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
+        """Gaussian noise of std σ·C, drawn on rank 0 only (zeros elsewhere)."""
+        if self.global_rank != 0 or not self._noise_multiplier:
+            return torch.zeros(numel, device=device)
+        std = self._noise_multiplier * self.max_grad_norm
+        return torch.randn(numel, generator=self._generator, device=device) * std
+
+    def _reduced(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Flatten, add the noise once, and sum across ranks."""
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+        flat = flat.to(self.root_device) + self._noise(flat.numel(), self.root_device)
+        if self.world_size > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return flat
+
+    def _noisy_gradient(self) -> None:
+        params = self.engine.parameters
+        sums = [self._summed.get(p, torch.zeros_like(p)) for p in params]
+        flat = self._reduced(sums) / self.expected_batch_size
+        for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad = chunk.view_as(p).to(p.dtype)
+        self._summed.clear()
+
+    # ------------------------------------------------------------------------------ SPARTA scoring
+    def begin_scoring(self, parameters: dict[str, nn.Parameter]) -> None:
+        """Turn the following training steps into private scoring steps (SPARTA, Algorithm 1, eq. 11).
+
+        Until :meth:`end_scoring`, every step computes for each parameter in ``parameters``
+        ``Σ_i |g_i| · min(1, C/‖g_i‖)``, where ``‖g_i‖`` is the norm of sample ``i``'s gradient over
+        *all* trainable parameters (exactly the vector a DP-SGD step would clip), adds
+        ``N(0, σ²C²)`` to every coordinate (drawn once globally) and accumulates the result. No
+        gradient reaches the optimizer, so no optimizer state (momentum included) changes. Each step
+        is accounted as one DP-SGD step with the same (q, σ), as Prop. 4.1 of the paper states.
+
+        Args:
+            parameters: the scored parameters by name; they must be trainable while scoring.
+
+        Raises:
+            ValueError: if a scored parameter is frozen or scoring is already under way.
+        """
+        if self._scores is not None:
+            raise ValueError("Scoring is already under way: call `end_scoring()` first.")
+        frozen = [name for name, p in parameters.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"Scored parameters must be trainable while scoring, frozen: {frozen}.")
+        self._scores = dict(parameters)
+        self._score_sums = {}
+
+    def end_scoring(self) -> dict[str, torch.Tensor]:
+        """Stop scoring and return the accumulated noisy sums (identical on every rank)."""
+        if self._scores is None:
+            raise ValueError("`end_scoring()` called without `begin_scoring()`.")
+        result = {
+            name: self._score_sums.get(name, torch.zeros_like(p, dtype=torch.float32))
+            for name, p in self._scores.items()
+        }
+        self._scores, self._score_sums = None, {}
+        return result
+
+    def _score_step(self) -> None:
+        assert self._scores is not None
+        names = list(self._scores)
+        params = [self._scores[n] for n in names]
+        sums = [self._summed.get(p, torch.zeros_like(p)) for p in params]
+        flat = self._reduced(sums)
+        for name, p, chunk in zip(names, params, flat.split([p.numel() for p in params]), strict=True):
+            chunk = chunk.view_as(p)
+            self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk.clone()
+        self._summed.clear()
+        for p in self.engine.parameters:
+            p.grad = None  # nothing reaches the optimizer
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the privacy accounting and the randomness exactly."""
+        return {
+            "noise_multiplier": self._noise_multiplier,
+            "history": list(self.accountant.history),
+            "accountant": self.accountant_name,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self._seed,
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "non_private_reason": self._non_private_reason,
+        }
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            if state["accountant"] != self.accountant_name:
+                raise ValueError(
+                    f"The checkpoint was accounted with accountant={state['accountant']!r}, this strategy "
+                    f"uses {self.accountant_name!r}: resume with the same accountant."
+                )
+            self._pending_state = state
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self.engine.detach()
+        self._attached_params = None
+        super().teardown()
+
+
+def _replace_loss(output: Any, loss: torch.Tensor) -> Any:
+    if isinstance(output, dict):
+        return {**output, "loss": loss}
+    return loss
+
+
+def _check_number(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value < minimum if inclusive else value <= minimum):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+
+
+__all__ = ["DPStrategy"]
