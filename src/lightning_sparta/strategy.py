@@ -28,7 +28,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from opacus.accountants import IAccountant
@@ -169,8 +169,12 @@ class DPStrategy(DDPStrategy):
         self._summed: dict[nn.Parameter, torch.Tensor] = {}
         self._scores: dict[str, nn.Parameter] | None = None  # scoring mode: name -> scored parameter
         self._score_sums: dict[str, torch.Tensor] = {}
+        self._score_absolute = True  # scoring sums |g_i| (SPARTA) or g_i (DP-SGD gradients, Algorithm 2)
+        self._score_private = True  # False: unclipped, noiseless sums (oracle mask, Algorithm 3)
         self._epoch_position = 0
         self._micro_batch_size = 0
+        self._verify_next = False
+        self._low_precision = False
         self._non_private_reason: str | None = None
 
     # ------------------------------------------------------------------------------ properties
@@ -237,10 +241,17 @@ class DPStrategy(DDPStrategy):
         pass
 
     @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        return model  # never wrapped, see configure_ddp
+
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._validate_trainer(trainer)
-        super().setup(trainer)
+        if dist.is_available() and dist.is_initialized():
+            super().setup(trainer)
+        else:  # one process: nothing to synchronise
+            Strategy.setup(self, trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             if len(self.optimizers) != 1:
                 raise ValueError(
@@ -262,7 +273,15 @@ class DPStrategy(DDPStrategy):
                 "Lightning divides the loss before backward, which rescales per-sample gradients before "
                 "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
             )
-        precision = str(trainer.precision)
+        self._check_precision(str(trainer.precision), self.precision_plugin)
+        validate_model(module)
+        self._low_precision = "bf16" in str(trainer.precision)
+
+    @staticmethod
+    def _check_precision(precision: str, plugin: object) -> None:
+        """Refuse precisions whose loss scaling would corrupt the per-sample gradients."""
+        if getattr(plugin, "scaler", None) is not None:
+            precision = "16-mixed"  # a GradScaler scales the loss, hence every per-sample gradient
         if precision not in _SUPPORTED_PRECISION:
             hint = (
                 " The GradScaler of '16-mixed' unscales `p.grad` but not the per-sample gradients, so "
@@ -274,7 +293,6 @@ class DPStrategy(DDPStrategy):
                 f"`precision={precision!r}` is not supported by DPStrategy; use one of "
                 f"{list(_SUPPORTED_PRECISION)} ('bf16-mixed' for mixed precision).{hint}"
             )
-        validate_model(module)
 
     def _setup_randomness(self) -> None:
         state = self._pending_state
@@ -351,6 +369,7 @@ class DPStrategy(DDPStrategy):
             worker_init_fn=dataloader.worker_init_fn,
             persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
             position_fn=lambda: self._epoch_position,
+            epoch_fn=lambda: self.lightning_module.trainer.current_epoch,
         )
 
     # ------------------------------------------------------------------------------ fit start
@@ -406,6 +425,7 @@ class DPStrategy(DDPStrategy):
             return
         self.engine.attach(model)
         self._attached_params = trainable
+        self._verify_next = True
         functorch = [p.module or "<root>" for p in self.engine.paths() if p.path == "functorch"]
         if verbose:
             rank_zero_info("DPStrategy per-sample gradient paths:\n" + self.engine.summary())
@@ -494,13 +514,8 @@ class DPStrategy(DDPStrategy):
         if self._micro_batch_size == 0:
             return
         params = self.engine.parameters
-        for p in params:
-            if p.grad is not None and getattr(p, "grad_sample", None) is None and p.grad.abs().sum() > 0:
-                raise RuntimeError(
-                    f"Parameter `{self.engine.parameter_names[p]}` received a gradient but no per-sample "
-                    "gradient: it is used outside the forward pass of the module that owns it. Its update "
-                    "would not be private; freeze it or use it inside a module with a grad sampler."
-                )
+        if self._verify_next:
+            self._verify_per_sample_gradients(params)
         norms = self.engine.per_sample_norms(params)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         scored = {id(p) for p in (self._scores or {}).values()}
@@ -508,13 +523,41 @@ class DPStrategy(DDPStrategy):
             grad_sample = getattr(p, "grad_sample", None)
             if grad_sample is None:
                 continue
-            if id(p) in scored:
+            if id(p) in scored and self._score_absolute:
                 grad_sample = grad_sample.abs()
-            clipped = torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample)
+            if id(p) in scored and not self._score_private:
+                clipped = grad_sample.sum(0)  # true gradients: no clipping (and no noise in _score_step)
+            else:
+                clipped = torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample)
             self._summed[p] = self._summed[p] + clipped if p in self._summed else clipped
         self.engine.clear()
         for p in params:
             p.grad = None
+
+    def _verify_per_sample_gradients(self, params: list[nn.Parameter]) -> None:
+        """Check once per (re)attachment that per-sample gradients add up to the batch gradient.
+
+        A parameter used outside the forward pass of the module that owns it (e.g. a temperature
+        applied in ``training_step``) gets a wrong or missing per-sample gradient, and its update
+        would not be private. The sum over the batch of correct per-sample gradients equals the
+        ordinary gradient, so this check catches it on the first step.
+        """
+        self._verify_next = False
+        scale = self.engine.loss_scale
+        wrong = []
+        for p in params:
+            grad_sample = getattr(p, "grad_sample", None)
+            batch_grad = torch.zeros_like(p) if p.grad is None else p.grad * scale
+            summed = torch.zeros_like(p) if grad_sample is None else grad_sample.sum(0)
+            tolerance = 5e-2 if self._low_precision else 1e-3
+            if not torch.allclose(summed.float(), batch_grad.float(), rtol=tolerance, atol=tolerance * 1e-2):
+                wrong.append(self.engine.parameter_names[p])
+        if wrong:
+            raise RuntimeError(
+                f"Per-sample gradients of {wrong} do not add up to their batch gradient: these parameters are used "
+                "outside the forward pass of the module that owns them (or by a module whose grad sampler is "
+                "wrong). Their updates would not be private; freeze them or move their use into a module's forward."
+            )
 
     def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
         """Gaussian noise of std σ·C, drawn on rank 0 only (zeros elsewhere)."""
@@ -523,10 +566,12 @@ class DPStrategy(DDPStrategy):
         std = self._noise_multiplier * self.max_grad_norm
         return torch.randn(numel, generator=self._generator, device=device) * std
 
-    def _reduced(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Flatten, add the noise once, and sum across ranks."""
+    def _reduced(self, tensors: list[torch.Tensor], noise: bool = True) -> torch.Tensor:
+        """Flatten, add the noise once (unless ``noise=False``), and sum across ranks."""
         flat = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
-        flat = flat.to(self.root_device) + self._noise(flat.numel(), self.root_device)
+        flat = flat.to(self.root_device)
+        if noise:
+            flat = flat + self._noise(flat.numel(), self.root_device)
         if self.world_size > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         return flat
@@ -540,7 +585,13 @@ class DPStrategy(DDPStrategy):
         self._summed.clear()
 
     # ------------------------------------------------------------------------------ SPARTA scoring
-    def begin_scoring(self, parameters: dict[str, nn.Parameter]) -> None:
+    def begin_scoring(
+        self,
+        parameters: dict[str, nn.Parameter],
+        absolute: bool = True,
+        private: bool = True,
+        initial: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Turn the following training steps into private scoring steps (SPARTA, Algorithm 1, eq. 11).
 
         Until :meth:`end_scoring`, every step computes for each parameter in ``parameters``
@@ -552,6 +603,13 @@ class DPStrategy(DDPStrategy):
 
         Args:
             parameters: the scored parameters by name; they must be trainable while scoring.
+            absolute: ``False`` sums the clipped *signed* gradients ``Σ_i g_i · min(1, C/‖g_i‖)``
+                (plus the same noise): the DP-SGD gradient baseline, Algorithm 2 of the paper.
+            private: ``False`` sums the true gradients (``Σ_i |g_i|`` with ``absolute=True``) without
+                clipping or noise: the oracle mask of Algorithm 3. Such scores are NOT private; call
+                :meth:`mark_not_private` too. Every step is still accounted.
+            initial: sums accumulated by an earlier part of the same scoring epoch (from
+                :attr:`scoring_sums` in a checkpoint), to continue after a mid-epoch resume.
 
         Raises:
             ValueError: if a scored parameter is frozen or scoring is already under way.
@@ -562,7 +620,16 @@ class DPStrategy(DDPStrategy):
         if frozen:
             raise ValueError(f"Scored parameters must be trainable while scoring, frozen: {frozen}.")
         self._scores = dict(parameters)
-        self._score_sums = {}
+        self._score_absolute, self._score_private = bool(absolute), bool(private)
+        self._score_sums = {
+            name: value.to(device=parameters[name].device, dtype=torch.float32).clone()
+            for name, value in (initial or {}).items()
+        }
+
+    @property
+    def scoring_sums(self) -> dict[str, torch.Tensor]:
+        """The sums accumulated so far by the scoring under way (empty when not scoring)."""
+        return dict(self._score_sums)
 
     def end_scoring(self) -> dict[str, torch.Tensor]:
         """Stop scoring and return the accumulated noisy sums (identical on every rank)."""
@@ -573,6 +640,7 @@ class DPStrategy(DDPStrategy):
             for name, p in self._scores.items()
         }
         self._scores, self._score_sums = None, {}
+        self._score_absolute, self._score_private = True, True
         return result
 
     def _score_step(self) -> None:
@@ -580,7 +648,7 @@ class DPStrategy(DDPStrategy):
         names = list(self._scores)
         params = [self._scores[n] for n in names]
         sums = [self._summed.get(p, torch.zeros_like(p)) for p in params]
-        flat = self._reduced(sums)
+        flat = self._reduced(sums, noise=self._score_private)
         for name, p, chunk in zip(names, params, flat.split([p.numel() for p in params]), strict=True):
             chunk = chunk.view_as(p)
             self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk.clone()

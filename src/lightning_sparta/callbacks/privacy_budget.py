@@ -89,15 +89,17 @@ class PrivacyBudgetCallback(Callback):
         self._allowed_steps = None  # σ is resolved after the callbacks' on_train_start
         self.stopped_early = False
 
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> int | None:
-        if self.stop_at_epsilon is None:
-            return None
+    def _stop_if_next_step_exceeds(self, trainer: pl.Trainer) -> None:
+        """Ask the Trainer to stop before the next step when that step would exceed the budget.
+
+        Lightning checks ``should_stop`` before fetching each batch, so setting it after a step (or
+        at an epoch's start) prevents the next step from running at all.
+        """
+        if self.stop_at_epsilon is None or trainer.should_stop:
+            return
         strategy: DPStrategy = trainer.strategy
         if strategy.steps + 1 <= self._budget_steps(strategy):
-            return None
+            return
         self.stopped_early = True
         trainer.should_stop = True
         rank_zero_warn(
@@ -105,7 +107,10 @@ class PrivacyBudgetCallback(Callback):
             f"{strategy.epsilon_after(1, self.delta):.3f} > stop_at_epsilon={self.stop_at_epsilon} "
             f"(ε so far: {strategy.epsilon(self.delta):.3f})."
         )
-        return -1  # skip the rest of the epoch; should_stop ends the fit
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_next_step_exceeds(trainer)
 
     def _budget_steps(self, strategy: DPStrategy) -> int:
         """Total number of private steps whose ε stays within ``stop_at_epsilon`` (bisection, cached)."""
@@ -138,6 +143,7 @@ class PrivacyBudgetCallback(Callback):
         if trainer.global_step % every == 0:
             epsilon = self._log(trainer)["epsilon"]
             pl_module.log("epsilon", epsilon, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self._stop_if_next_step_exceeds(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,6 +18,10 @@ theirs in :mod:`lightning_sparta.sparse.grad_samplers`). Three paths exist, and
 ``"functorch"``
     any other module: Opacus' functorch fallback (a vmapped re-run of that module), slow but exact.
     It covers the module's whole subtree, so its descendants get no hooks of their own.
+``"unsupported"``
+    parameters owned directly by a LightningModule: they are typically used in ``training_step``,
+    outside any forward pass, so no hook can see them. They get no per-sample gradient; the
+    strategy refuses them on the first step if they receive a gradient.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-Path = Literal["grad_sampler", "broadcast", "functorch"]
+Path = Literal["grad_sampler", "broadcast", "functorch", "unsupported"]
 
 _BROADCAST_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
 
@@ -133,6 +138,8 @@ class PerSampleGradients:
             if grad_sampler_for(module) is not None:
                 self._attach_sampler(module)
                 self._record(name, module, "grad_sampler", [n for n, _ in rest])
+            elif isinstance(module, LightningModule):
+                self._record(name, module, "unsupported", [n for n, _ in rest])
             else:
                 covered.add(name)
                 self._attach_sampler(module)

@@ -162,13 +162,28 @@ class DPDataLoader(DataLoader):
     Lightning saves ``state_dict()`` of stateful training loaders in its checkpoints and restores
     it on resume; the state is the epoch and the number of steps already taken in it, so a resumed
     run draws exactly the batches the uninterrupted run would have drawn.
+
+    Lightning calls ``set_epoch`` on a loader's ``sampler`` but not on its ``batch_sampler``, so the
+    loader asks ``epoch_fn`` for the current epoch each time an epoch's iteration starts.
     """
 
     batch_sampler: PoissonBatchSampler
 
-    def __init__(self, *args: Any, position_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        position_fn: Callable[[], int] | None = None,
+        epoch_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._position_fn = position_fn
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self) -> Any:
+        if self._epoch_fn is not None:
+            self.batch_sampler.set_epoch(self._epoch_fn())
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         position = self._position_fn() if self._position_fn is not None else 0
