@@ -1,0 +1,219 @@
+"""Per-sample gradient samplers registered with Opacus for the sparse layers and timm's layers.
+
+Opacus looks samplers up by exact module type and otherwise falls back to functorch (slow, and
+for the row-sparse layers it would miss the O(k) structure). Importing this module registers:
+
+* :class:`~lightning_sparta.sparse.layers.RowSparseLinear`, ``RowSparseConv2d``: O(k) cost, the
+  dense ``[B, out, in]`` per-sample gradient is never formed.
+* ``MaskedLinear``, ``MaskedConv2d``: dense-cost per-sample gradient, then a gather of the masked
+  entries (unstructured masks have no cheaper exact form).
+* ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d``: subclasses or
+  custom modules that Opacus' exact-type lookup misses.
+
+Every sampler follows Opacus' signature: ``activations[0]`` is the layer input and ``backprops``
+the per-sample gradient of the loss with respect to the output, both batch-first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from timm.layers import LayerNorm, LayerNorm2d, LayerScale, LayerScale2d
+from torch import nn
+
+from lightning_sparta.sparse.layers import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear
+
+__all__ = [
+    "compute_layer_scale2d_grad_sample",
+    "compute_layer_scale_grad_sample",
+    "compute_masked_conv2d_grad_sample",
+    "compute_masked_linear_grad_sample",
+    "compute_row_sparse_conv2d_grad_sample",
+    "compute_row_sparse_linear_grad_sample",
+    "compute_timm_layer_norm2d_grad_sample",
+]
+
+Grads = dict[nn.Parameter, torch.Tensor]
+
+
+def _bias_grads(layer: nn.Module, backprops: torch.Tensor, channels_last: bool) -> Grads:
+    """Per-sample bias gradient ``[B, out]``: backprops summed over all but batch and channels."""
+    if layer.bias is None or not layer.bias.requires_grad:
+        return {}
+    return {layer.bias: torch.einsum("n...k->nk" if channels_last else "nk...->nk", backprops)}
+
+
+def _unfold(layer: RowSparseConv2d | MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Im2col patches ``[B, C_in*kH*kW, L]`` matching the layer's weight layout."""
+    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+
+
+@register_grad_sampler(RowSparseLinear)
+def compute_row_sparse_linear_grad_sample(
+    layer: RowSparseLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, k, in]`` of ``weight_rows`` and ``[B, out]`` of ``bias``.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, ..., in]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, ..., out]``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    grads = _bias_grads(layer, backprops, channels_last=True)
+    if layer.weight_rows.requires_grad:
+        grads[layer.weight_rows] = torch.einsum("n...k,n...i->nki", backprops.index_select(-1, layer.rows), x)
+    return grads
+
+
+@register_grad_sampler(RowSparseConv2d)
+def compute_row_sparse_conv2d_grad_sample(
+    layer: RowSparseConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, k, C_in, kH, kW]`` of ``weight_rows`` and ``[B, out]`` of ``bias``.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, C_in, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, out, H', W']``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    grads = _bias_grads(layer, backprops, channels_last=False)
+    if layer.weight_rows.requires_grad:
+        selected = backprops.index_select(1, layer.rows).flatten(2)  # [B, k, L]
+        grads[layer.weight_rows] = torch.einsum("nkl,ncl->nkc", selected, _unfold(layer, x)).view(
+            len(x), *layer.weight_rows.shape
+        )
+    return grads
+
+
+@register_grad_sampler(MaskedLinear)
+def compute_masked_linear_grad_sample(
+    layer: MaskedLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, nnz]`` of ``weight_values`` and ``[B, out]`` of ``bias``.
+
+    Forms the dense ``[B, out, in]`` per-sample gradient, then gathers the masked entries.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, ..., in]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, ..., out]``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    grads = _bias_grads(layer, backprops, channels_last=True)
+    if layer.weight_values.requires_grad:
+        dense = torch.einsum("n...o,n...i->noi", backprops, x)
+        grads[layer.weight_values] = dense.flatten(1).index_select(1, layer.indices)
+    return grads
+
+
+@register_grad_sampler(MaskedConv2d)
+def compute_masked_conv2d_grad_sample(
+    layer: MaskedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, nnz]`` of ``weight_values`` and ``[B, out]`` of ``bias``.
+
+    Forms the dense ``[B, out, C_in*kH*kW]`` per-sample gradient, then gathers the masked entries.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, C_in, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, out, H', W']``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    grads = _bias_grads(layer, backprops, channels_last=False)
+    if layer.weight_values.requires_grad:
+        dense = torch.einsum("nol,ncl->noc", backprops.flatten(2), _unfold(layer, x))
+        grads[layer.weight_values] = dense.flatten(1).index_select(1, layer.indices)
+    return grads
+
+
+# timm's LayerNorm is F.layer_norm over the last dims, exactly what Opacus' nn.LayerNorm sampler assumes.
+register_grad_sampler(LayerNorm)(compute_layer_norm_grad_sample)
+
+
+@register_grad_sampler(LayerNorm2d)
+def compute_timm_layer_norm2d_grad_sample(
+    layer: LayerNorm2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, C]`` of a channel LayerNorm on NCHW input.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, C, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, C, H, W]``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    channels_last = [activations[0].permute(0, 2, 3, 1)]
+    return compute_layer_norm_grad_sample(layer, channels_last, backprops.permute(0, 2, 3, 1))
+
+
+def _check_not_inplace(layer: LayerScale | LayerScale2d) -> None:
+    if layer.inplace:
+        raise ValueError(
+            f"{type(layer).__name__}(inplace=True) overwrites its input, which the per-sample gradient "
+            "of gamma needs; build the model with inplace=False (timm: init_values without inplace)"
+        )
+
+
+@register_grad_sampler(LayerScale)
+def compute_layer_scale_grad_sample(
+    layer: LayerScale, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradient ``[B, dim]`` of ``gamma`` for ``y = x * gamma`` (channels last).
+
+    Args:
+        layer: The layer, with ``inplace=False``.
+        activations: ``[input]``, input of shape ``[B, ..., dim]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, ..., dim]``.
+
+    Returns:
+        Per-sample gradient of ``gamma`` if it is trainable.
+
+    Raises:
+        ValueError: If ``layer.inplace`` is True (the recorded input is already overwritten).
+    """
+    _check_not_inplace(layer)
+    if not layer.gamma.requires_grad:
+        return {}
+    return {layer.gamma: torch.einsum("n...d,n...d->nd", activations[0].to(backprops.dtype), backprops)}
+
+
+@register_grad_sampler(LayerScale2d)
+def compute_layer_scale2d_grad_sample(
+    layer: LayerScale2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradient ``[B, C]`` of ``gamma`` for ``y = x * gamma`` on NCHW input.
+
+    Args:
+        layer: The layer, with ``inplace=False``.
+        activations: ``[input]``, input of shape ``[B, C, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, C, H, W]``.
+
+    Returns:
+        Per-sample gradient of ``gamma`` if it is trainable.
+
+    Raises:
+        ValueError: If ``layer.inplace`` is True (the recorded input is already overwritten).
+    """
+    _check_not_inplace(layer)
+    if not layer.gamma.requires_grad:
+        return {}
+    return {layer.gamma: torch.einsum("nc...,nc...->nc", activations[0].to(backprops.dtype), backprops)}

@@ -1,0 +1,443 @@
+"""Sparse fine-tuning layers that train a subset of a frozen dense weight.
+
+Two families, both holding the full pretrained weight as a frozen buffer ``weight_old`` and the
+dense ``bias`` Parameter of the layer they replace:
+
+* Row-stacked (SPARTA, section 7): :class:`RowSparseLinear`, :class:`RowSparseConv2d` train a
+  ``[k, ...]`` Parameter ``weight_rows`` holding the current values of k selected output rows
+  (a row is one output neuron of a Linear, one output filter of a Conv2d). Per-sample gradients
+  and DP noise cost O(k) instead of O(out).
+* Element-masked (unstructured masks): :class:`MaskedLinear`, :class:`MaskedConv2d` train a
+  ``[nnz]`` Parameter ``weight_values`` holding the current values of the masked entries.
+
+State dicts always hold the merged dense ``weight`` (+ ``bias``), like the plain layer: a
+checkpoint of a sparse model loads into the dense model and back. The selected rows or entries are
+not part of the state dict; re-create the sparse layer with the same selection before loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MaskedConv2d", "MaskedLinear", "RowSparseConv2d", "RowSparseLinear"]
+
+
+def _check_dense(layer: nn.Module, dense_type: type[nn.Module]) -> None:
+    """Raise ``ValueError`` unless ``layer`` is a ``dense_type`` that keeps the standard forward."""
+    # Subclasses that override forward (timm's StdConv2d, Conv2dSame, ...) compute something else.
+    if not isinstance(layer, dense_type) or type(layer).forward is not dense_type.forward:
+        raise ValueError(
+            f"layer must be an nn.{dense_type.__name__} (or a subclass that keeps its forward), "
+            f"got {type(layer).__name__}"
+        )
+
+
+def _validated_rows(rows: Any, num_rows: int, device: torch.device) -> torch.Tensor:
+    """Check a row selection and return it as a sorted LongTensor on ``device``."""
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(f"rows must be a 1-D integer torch.Tensor, got {type(rows).__name__}")
+    if rows.dim() != 1 or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        raise ValueError(f"rows must be a 1-D integer tensor, got dtype {rows.dtype} and shape {tuple(rows.shape)}")
+    if rows.numel() == 0:
+        raise ValueError("rows must select at least one row, got an empty tensor")
+    rows = rows.to(device=device, dtype=torch.long).sort().values
+    if rows[0] < 0 or rows[-1] >= num_rows:
+        raise ValueError(f"rows must lie in [0, {num_rows}), got values from {rows[0].item()} to {rows[-1].item()}")
+    repeated = rows[1:][rows[1:] == rows[:-1]]
+    if repeated.numel():
+        raise ValueError(f"rows must be unique, got {repeated[0].item()} more than once")
+    return rows
+
+
+def _validated_mask(mask: Any, weight: torch.Tensor) -> torch.Tensor:
+    """Check an element mask and return the sorted flat indices of its True entries."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+        found = (
+            f"{mask.dtype} tensor of shape {tuple(mask.shape)}"
+            if isinstance(mask, torch.Tensor)
+            else type(mask).__name__
+        )
+        raise ValueError(f"mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, got {found}")
+    indices = mask.to(weight.device).flatten().nonzero().squeeze(1)
+    if indices.numel() == 0:
+        raise ValueError("mask must select at least one entry, got an all-False mask")
+    return indices
+
+
+class _SparseLayer(nn.Module):
+    """Shared state: frozen ``weight_old`` buffer, reused ``bias`` and dense state-dict handling.
+
+    Subclasses combine a geometry mixin (``_LinearOps``/``_Conv2dOps``: the dense op and shapes)
+    with a selection base (``_RowSparse``/``_Masked``: the trainable part and the forward).
+    """
+
+    _dense_type: type[nn.Module]
+    weight_old: torch.Tensor
+    bias: nn.Parameter | None
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self._read_geometry(layer)
+        self.register_buffer("weight_old", layer.weight.detach().clone(), persistent=False)
+        self.register_parameter("bias", layer.bias)
+
+    # Implemented by the geometry mixins.
+    def _read_geometry(self, layer: nn.Module) -> None:
+        pass
+
+    def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense_kwargs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # Implemented by the selection bases.
+    def _merged_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reset_trainable(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged dense weight (a detached copy, for inspection; it carries no gradient)."""
+        return self._merged_weight().detach()
+
+    def to_dense(self) -> nn.Module:
+        """Build the equivalent dense layer.
+
+        Returns:
+            A new dense layer on the same device and dtype whose weight is a fresh trainable
+            Parameter with the merged values (exact copy) and whose bias is this layer's ``bias``
+            Parameter object.
+        """
+        dense = self._dense_type(**self._dense_kwargs(), bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(self._merged_weight().detach().clone())
+        if self.bias is not None:
+            dense.bias = self.bias
+        return dense
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self._merged_weight().detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        targets = {name: t for name, t in (("weight", self.weight_old), ("bias", self.bias)) if t is not None}
+        for name, target in targets.items():
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {found} from checkpoint, "
+                    f"the shape in current model is {tuple(target.shape)}."
+                )
+                continue
+            with torch.no_grad():
+                target.copy_(value)
+                if name == "weight":
+                    self._reset_trainable()
+        if strict:
+            unexpected_keys.extend(
+                key
+                for key in state_dict
+                if key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] not in targets
+            )
+
+
+class _LinearOps:
+    """Geometry of ``nn.Linear``: weight ``[out, in]``, output channels in the last dim."""
+
+    _dense_type = nn.Linear
+    _channel_dim = -1
+    weight_old: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        """Size of each input sample."""
+        return self.weight_old.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Size of each output sample."""
+        return self.weight_old.shape[0]
+
+    def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def _dense_kwargs(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def _geometry_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _Conv2dOps:
+    """Geometry of ``nn.Conv2d`` (groups=1, zero padding): weight ``[out, in, kH, kW]``, NCHW."""
+
+    _dense_type = nn.Conv2d
+    _channel_dim = 1
+    weight_old: torch.Tensor
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def _read_geometry(self, layer: nn.Conv2d) -> None:
+        if layer.groups != 1:
+            raise ValueError(f"layer.groups must be 1 for a sparse Conv2d, got groups={layer.groups}")
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"layer.padding_mode must be 'zeros', got {layer.padding_mode!r}")
+        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
+        padding = layer.padding
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+            if any(total % 2 for total in totals):
+                raise ValueError(
+                    "layer.padding='same' must pad symmetrically (even dilation*(kernel_size-1)), "
+                    f"got kernel_size={layer.kernel_size}, dilation={layer.dilation}"
+                )
+            padding = tuple(total // 2 for total in totals)
+        self.padding = tuple(padding)
+
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels."""
+        return self.weight_old.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        """Number of output channels (filters)."""
+        return self.weight_old.shape[0]
+
+    def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _dense_kwargs(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+        }
+
+    def _geometry_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
+class _RowSparse(_SparseLayer):
+    """Trains the k selected rows as a stacked ``weight_rows`` Parameter of shape ``[k, ...]``."""
+
+    rows: torch.Tensor
+
+    def __init__(self, layer: nn.Module, rows: torch.Tensor) -> None:
+        _check_dense(layer, self._dense_type)
+        rows = _validated_rows(rows, layer.weight.shape[0], layer.weight.device)
+        super().__init__(layer)
+        self.register_buffer("rows", rows, persistent=False)
+        self.weight_rows = nn.Parameter(self.weight_old.index_select(0, rows))
+
+    @property
+    def num_rows(self) -> int:
+        """Number k of trainable rows."""
+        return self.rows.numel()
+
+    def _merged_weight(self) -> torch.Tensor:
+        return self.weight_old.index_copy(0, self.rows, self.weight_rows)
+
+    def _reset_trainable(self) -> None:
+        self.weight_rows.copy_(self.weight_old.index_select(0, self.rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense output from the frozen weight, with the k trainable rows' outputs written over it.
+
+        ``weight_old`` is a buffer, so backward computes no gradient for it: the weight gradient
+        costs O(k), not O(out).
+        """
+        base = self._dense_op(x, self.weight_old, self.bias)
+        bias_rows = None if self.bias is None else self.bias.index_select(0, self.rows)
+        selected = self._dense_op(x, self.weight_rows, bias_rows)
+        return base.index_copy(self._channel_dim, self.rows, selected)
+
+    def extra_repr(self) -> str:
+        rows = f"rows={self.num_rows}/{self.weight_old.shape[0]}"
+        return f"{self._geometry_repr()}, {rows}, bias={self.bias is not None}"
+
+
+class _Masked(_SparseLayer):
+    """Trains the masked entries as a flat ``weight_values`` Parameter of shape ``[nnz]``."""
+
+    indices: torch.Tensor
+
+    def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
+        _check_dense(layer, self._dense_type)
+        indices = _validated_mask(mask, layer.weight)
+        super().__init__(layer)
+        self.register_buffer("indices", indices, persistent=False)
+        self.weight_values = nn.Parameter(self.weight_old.flatten().index_select(0, indices))
+
+    @property
+    def nnz(self) -> int:
+        """Number of trainable weight entries."""
+        return self.indices.numel()
+
+    def _merged_weight(self) -> torch.Tensor:
+        return self.weight_old.flatten().index_copy(0, self.indices, self.weight_values).view_as(self.weight_old)
+
+    def _reset_trainable(self) -> None:
+        self.weight_values.copy_(self.weight_old.flatten().index_select(0, self.indices))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the dense op with the merged weight (the gradient of ``weight_values`` is dense-cost)."""
+        return self._dense_op(x, self._merged_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self._geometry_repr()}, nnz={self.nnz}/{self.weight_old.numel()}, bias={self.bias is not None}"
+
+
+class RowSparseLinear(_LinearOps, _RowSparse):
+    """``nn.Linear`` whose trainable weight is a stack of k selected output rows.
+
+    Attributes:
+        weight_old: Frozen full weight ``[out, in]`` (non-persistent buffer).
+        rows: Selected row indices, sorted and unique (non-persistent buffer).
+        weight_rows: Trainable current values of the selected rows, ``[k, in]``.
+        bias: The dense layer's bias Parameter (same object), or None.
+    """
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, rows: torch.Tensor) -> RowSparseLinear:
+        """Build a row-sparse copy of ``layer`` that trains only ``rows``.
+
+        Args:
+            layer: The dense layer; its weight is copied into ``weight_old`` and its bias
+                Parameter is reused.
+            rows: 1-D integer tensor of distinct output-neuron indices in ``[0, out_features)``,
+                in any order.
+
+        Returns:
+            The row-sparse layer on the layer's device and dtype, equal to ``layer`` in output.
+
+        Raises:
+            ValueError: If ``layer`` is not an ``nn.Linear`` or ``rows`` is not a non-empty 1-D
+                integer tensor of distinct in-range indices.
+
+        Example:
+            >>> dense = nn.Linear(4, 3)
+            >>> sparse = RowSparseLinear.from_dense(dense, torch.tensor([2, 0]))
+            >>> sparse.rows, tuple(sparse.weight_rows.shape), sparse.bias is dense.bias
+            (tensor([0, 2]), (2, 4), True)
+            >>> tuple(sparse(torch.randn(5, 4)).shape), sorted(sparse.state_dict())
+            ((5, 3), ['bias', 'weight'])
+        """
+        return cls(layer, rows)
+
+
+class RowSparseConv2d(_Conv2dOps, _RowSparse):
+    """``nn.Conv2d`` (groups=1) whose trainable weight is a stack of k selected output filters.
+
+    Attributes:
+        weight_old: Frozen full weight ``[out, in, kH, kW]`` (non-persistent buffer).
+        rows: Selected filter indices, sorted and unique (non-persistent buffer).
+        weight_rows: Trainable current values of the selected filters, ``[k, in, kH, kW]``.
+        bias: The dense layer's bias Parameter (same object), or None.
+    """
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, rows: torch.Tensor) -> RowSparseConv2d:
+        """Build a row-sparse copy of ``layer`` that trains only the filters ``rows``.
+
+        Args:
+            layer: The dense layer (groups=1, padding_mode='zeros'); its weight is copied into
+                ``weight_old`` and its bias Parameter is reused.
+            rows: 1-D integer tensor of distinct filter indices in ``[0, out_channels)``.
+
+        Returns:
+            The row-sparse layer on the layer's device and dtype, equal to ``layer`` in output.
+
+        Raises:
+            ValueError: If ``layer`` is not a supported ``nn.Conv2d`` or ``rows`` is invalid.
+        """
+        return cls(layer, rows)
+
+
+class MaskedLinear(_LinearOps, _Masked):
+    """``nn.Linear`` whose trainable weight is an arbitrary subset of entries.
+
+    Attributes:
+        weight_old: Frozen full weight ``[out, in]`` (non-persistent buffer).
+        indices: Sorted flat indices of the trainable entries (non-persistent buffer).
+        weight_values: Trainable current values of those entries, ``[nnz]``.
+        bias: The dense layer's bias Parameter (same object), or None.
+    """
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, mask: torch.Tensor) -> MaskedLinear:
+        """Build a masked copy of ``layer`` that trains only the entries where ``mask`` is True.
+
+        Args:
+            layer: The dense layer; its weight is copied and its bias Parameter reused.
+            mask: Bool tensor of the weight's shape with at least one True entry.
+
+        Returns:
+            The masked layer on the layer's device and dtype, equal to ``layer`` in output.
+
+        Raises:
+            ValueError: If ``layer`` is not an ``nn.Linear`` or ``mask`` is invalid.
+        """
+        return cls(layer, mask)
+
+
+class MaskedConv2d(_Conv2dOps, _Masked):
+    """``nn.Conv2d`` (groups=1) whose trainable weight is an arbitrary subset of entries.
+
+    Attributes:
+        weight_old: Frozen full weight ``[out, in, kH, kW]`` (non-persistent buffer).
+        indices: Sorted flat indices of the trainable entries (non-persistent buffer).
+        weight_values: Trainable current values of those entries, ``[nnz]``.
+        bias: The dense layer's bias Parameter (same object), or None.
+    """
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, mask: torch.Tensor) -> MaskedConv2d:
+        """Build a masked copy of ``layer`` that trains only the entries where ``mask`` is True.
+
+        Args:
+            layer: The dense layer (groups=1, padding_mode='zeros'); its weight is copied and
+                its bias Parameter reused.
+            mask: Bool tensor of the weight's shape with at least one True entry.
+
+        Returns:
+            The masked layer on the layer's device and dtype, equal to ``layer`` in output.
+
+        Raises:
+            ValueError: If ``layer`` is not a supported ``nn.Conv2d`` or ``mask`` is invalid.
+        """
+        return cls(layer, mask)
