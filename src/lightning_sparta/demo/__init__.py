@@ -1,0 +1,17 @@
+"""Offline demo: Fashion-MNIST public/private splits, small DP-compatible models, public pretraining."""
+
+from lightning_sparta.demo.data import FashionMNISTTransfer, default_cache_dir
+from lightning_sparta.demo.models import ClassifierModule, GroupNormCNN, WarmupCosineSchedule, create_model
+from lightning_sparta.demo.pretrain import load_pretrained, pretrain_public, pretrained_path
+
+__all__ = [
+    "ClassifierModule",
+    "FashionMNISTTransfer",
+    "GroupNormCNN",
+    "WarmupCosineSchedule",
+    "create_model",
+    "default_cache_dir",
+    "load_pretrained",
+    "pretrain_public",
+    "pretrained_path",
+]

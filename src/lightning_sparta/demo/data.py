@@ -1,0 +1,320 @@
+"""Fashion-MNIST split into a "public" (classes 0-4) and a "private" (classes 5-9) task, offline-first.
+
+The files are read through :class:`torchvision.datasets.FashionMNIST`, which expects the uncompressed
+IDX files under ``<root>/FashionMNIST/raw/``. :class:`FashionMNISTTransfer` finds them locally (a
+user directory, the package cache, Debian's ``dataset-fashion-mnist``), builds that layout in the cache
+when the files lie flat or gzipped, and only downloads as a last resort.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets import FashionMNIST
+
+__all__ = [
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "SYSTEM_DATA_DIRS",
+    "FashionMNISTTransfer",
+    "default_cache_dir",
+]
+
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+
+#: Directories searched for flat (optionally gzipped) IDX files after ``data_dir`` and the cache.
+SYSTEM_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+
+_RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_SPLIT_CLASSES = {"public": (0, 1, 2, 3, 4), "private": (5, 6, 7, 8, 9)}
+_SPLIT_SEED = 20240607
+_DEFAULT_VAL_SIZE = 5000
+
+
+def default_cache_dir() -> Path:
+    """Return the package's cache directory.
+
+    ``$LIGHTNING_SPARTA_CACHE`` if set, else ``$XDG_CACHE_HOME/lightning_sparta`` (``~/.cache`` when
+    ``XDG_CACHE_HOME`` is unset). Data lives in its ``fashion-mnist`` sub-folder, pretrained weights in
+    ``pretrained``.
+
+    Returns:
+        The cache directory (not created).
+    """
+    env = os.environ.get("LIGHTNING_SPARTA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lightning_sparta"
+
+
+def _torchvision_layout_complete(root: Path) -> bool:
+    raw = root / "FashionMNIST" / "raw"
+    return all((raw / name).is_file() for name in _RAW_FILES)
+
+
+def _flat_sources(directory: Path) -> dict[str, Path] | None:
+    """Map each raw file name to ``directory/<name>`` or ``directory/<name>.gz``; None if one is missing."""
+    found: dict[str, Path] = {}
+    for name in _RAW_FILES:
+        for candidate in (directory / name, directory / f"{name}.gz"):
+            if candidate.is_file():
+                found[name] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _materialise(sources: dict[str, Path], root: Path) -> None:
+    """Build ``root/FashionMNIST/raw`` from flat files: symlink plain ones, decompress gzipped ones.
+
+    Each file is written atomically (temporary file + ``os.replace``) and rebuilt when its source is newer.
+    """
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        dst = raw / name
+        if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", dir=raw)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            if src.suffix == ".gz":
+                with gzip.open(src, "rb") as fin, tmp.open("wb") as fout:
+                    shutil.copyfileobj(fin, fout, length=1 << 20)
+            else:
+                tmp.unlink()
+                try:
+                    tmp.symlink_to(src.resolve())
+                except OSError:
+                    shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+
+
+def _linked_root(cache: Path, source_dir: Path) -> Path:
+    """Per-source folder in the cache where the torchvision layout of ``source_dir`` is built."""
+    digest = hashlib.sha1(str(source_dir.resolve()).encode()).hexdigest()[:12]
+    return cache / "linked" / digest
+
+
+def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Turn ``uint8 [N, H, W]`` images into normalised ``float32 [N, 1, S, S]``, resizing if needed."""
+    x = images.unsqueeze(1).to(torch.float32).div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+
+
+class FashionMNISTTransfer(L.LightningDataModule):
+    """Fashion-MNIST restricted to five classes, as a public pretraining task or a private fine-tuning task.
+
+    ``split="public"`` keeps classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat) with their labels;
+    ``split="private"`` keeps classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) relabelled to 0-4.
+    Test data is the official test split; a validation split is held out from the training split with a
+    fixed seed: 5000 examples, or 10% of ``train_subset`` when a subset is used (in both cases at most a
+    fifth of the available training examples). Images are normalised with the Fashion-MNIST mean and
+    standard deviation and held in memory as ``TensorDataset`` s of shape ``[N, 1, S, S]``.
+
+    The files are looked for in this order: ``data_dir`` (either the torchvision layout
+    ``FashionMNIST/raw/`` or flat, optionally gzipped, IDX files), the cache
+    (:func:`default_cache_dir` ``/fashion-mnist``), Debian's ``dataset-fashion-mnist`` location
+    (:data:`SYSTEM_DATA_DIRS`); flat files are exposed to torchvision through a folder in the cache.
+    If nothing is found and ``download=True``, torchvision downloads into the cache.
+
+    Args:
+        data_dir: Optional folder with the Fashion-MNIST IDX files.
+        split: ``"public"`` (classes 0-4) or ``"private"`` (classes 5-9, relabelled 0-4).
+        batch_size: Batch size of all dataloaders.
+        num_workers: Dataloader worker processes.
+        train_subset: Optional cap on the number of training examples, chosen deterministically.
+        download: Whether to download the data when no local copy is found.
+        image_size: Side of the (square) images; other than 28 resizes bilinearly (e.g. 32 for ViTs).
+
+    Raises:
+        ValueError: On an unknown ``split`` or a non-positive ``batch_size``, ``train_subset`` or
+            ``image_size``, or a negative ``num_workers``.
+    """
+
+    num_classes: int = 5
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        split: Literal["public", "private"] = "private",
+        batch_size: int = 256,
+        num_workers: int = 0,
+        train_subset: int | None = None,
+        download: bool = True,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        if split not in _SPLIT_CLASSES:
+            raise ValueError(f"`split` must be one of {sorted(_SPLIT_CLASSES)}, got {split!r}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers!r}.")
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"`train_subset` must be None or a positive integer, got {train_subset!r}.")
+        if image_size < 1:
+            raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.split = split
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_subset = train_subset
+        self.download = download
+        self.image_size = image_size
+        self.classes: list[str] = [FashionMNIST.classes[c] for c in _SPLIT_CLASSES[split]]
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+        self._root: Path | None = None
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """Shape of one image: ``(1, image_size, image_size)``."""
+        return (1, self.image_size, self.image_size)
+
+    def resolve_root(self) -> Path:
+        """Find (and if needed lay out or download) a root folder for ``torchvision.datasets.FashionMNIST``.
+
+        Returns:
+            A folder containing ``FashionMNIST/raw/`` with the four uncompressed IDX files.
+
+        Raises:
+            FileNotFoundError: If the files are found nowhere and downloading is disabled or fails.
+        """
+        if self._root is not None and _torchvision_layout_complete(self._root):
+            return self._root
+        cache = default_cache_dir() / "fashion-mnist"
+        looked: list[str] = []
+
+        candidates: list[Path] = []
+        if self.data_dir is not None:
+            candidates.append(Path(self.data_dir).expanduser())
+        candidates.append(cache)
+        candidates.extend(Path(d) for d in SYSTEM_DATA_DIRS)
+        for i, directory in enumerate(candidates):
+            if i == 1 and self.data_dir is not None:
+                rank_zero_warn(f"`data_dir`={self.data_dir!r} holds no Fashion-MNIST IDX files; looking elsewhere.")
+            looked.append(f"{directory / 'FashionMNIST' / 'raw'} (torchvision layout)")
+            if _torchvision_layout_complete(directory):
+                self._root = directory
+                return directory
+            looked.append(f"{directory} (flat IDX files, optionally .gz)")
+            sources = _flat_sources(directory)
+            if sources is not None:
+                root = _linked_root(cache, directory)
+                rank_zero_info(f"Fashion-MNIST: using the IDX files in {directory} (through {root}).")
+                _materialise(sources, root)
+                self._root = root
+                return root
+
+        download_error = "download=False"
+        if self.download:
+            rank_zero_info(f"Fashion-MNIST not found locally; downloading into {cache}.")
+            try:
+                FashionMNIST(str(cache), train=True, download=True)
+                FashionMNIST(str(cache), train=False, download=True)
+            except (RuntimeError, OSError) as err:
+                download_error = f"download into {cache} failed: {type(err).__name__}: {err}"
+            else:
+                self._root = cache
+                return cache
+        places = "\n".join(f"  - {p}" for p in looked)
+        raise FileNotFoundError(
+            f"Fashion-MNIST files {list(_RAW_FILES)} not found (data_dir={self.data_dir!r}). Looked in:\n"
+            f"{places}\nand did not download ({download_error}).\n"
+            "HINT: install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass "
+            "`data_dir`/`--data-dir` pointing to a folder with the IDX files, or allow `download=True` "
+            "with internet access."
+        )
+
+    def prepare_data(self) -> None:
+        """Locate, lay out or download the files (called by Lightning on one process per node)."""
+        self.resolve_root()
+
+    def _load_split(self, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = FashionMNIST(str(root), train=train, download=False)
+        images, labels = dataset.data, dataset.targets.long()
+        classes = torch.tensor(_SPLIT_CLASSES[self.split])
+        keep = torch.isin(labels, classes)
+        images, labels = images[keep], labels[keep] - int(classes.min())
+        return _normalise(images, self.image_size), labels
+
+    def _val_size(self, pool: int) -> int:
+        wanted = _DEFAULT_VAL_SIZE if self.train_subset is None else max(1, -(-self.train_subset // 10))
+        return max(1, min(wanted, pool // 5))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the split into memory once (all stages at the first call).
+
+        Args:
+            stage: Lightning stage; ignored, everything is loaded at once.
+        """
+        if self.train_set is not None:
+            return
+        root = self.resolve_root()
+        images, labels = self._load_split(root, train=True)
+        generator = torch.Generator().manual_seed(_SPLIT_SEED)
+        perm = torch.randperm(len(labels), generator=generator)
+        n_val = self._val_size(len(labels))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        if self.train_subset is not None:
+            train_idx = train_idx[: self.train_subset]
+        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+        self.test_set = TensorDataset(*self._load_split(root, train=False))
+        rank_zero_info(
+            f"Fashion-MNIST {self.split} split ({', '.join(self.classes)}): train {len(self.train_set)}, "
+            f"val {len(self.val_set)}, test {len(self.test_set)} images of shape {self.dims}."
+        )
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("FashionMNISTTransfer: call `setup()` before asking for a dataloader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (last batch kept)."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches (official test split) in a fixed order."""
+        return self._loader(self.test_set, shuffle=False)
