@@ -343,10 +343,11 @@ class _NoData(TinyModule):
         (TinyModule, {"accumulate_grad_batches": 2}, ValueError, "physical_batch_size"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_refused_configurations(module_cls, trainer_kwargs, error, match):
-    with pytest.raises(error, match=match), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _trainer(DPStrategy(noise_multiplier=1.0), **trainer_kwargs).fit(module_cls())
+    trainer, module = _trainer(DPStrategy(noise_multiplier=1.0), **trainer_kwargs), module_cls()
+    with pytest.raises(error, match=match):
+        trainer.fit(module)
 
 
 def test_float16_mixed_precision_is_refused():
@@ -354,13 +355,14 @@ def test_float16_mixed_precision_is_refused():
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     plugin = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", enabled=False))
-    with pytest.raises(ValueError, match="precision='16-mixed'.*GradScaler"):
+    with pytest.raises(ValueError, match=r"precision='16-mixed'.*GradScaler"):
         DPStrategy._check_precision("16-mixed", plugin)
     with pytest.raises(ValueError, match="precision='16-true'"):
         DPStrategy._check_precision("16-true", object())
     DPStrategy._check_precision("bf16-mixed", MixedPrecision("bf16-mixed", "cpu"))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_parameter_used_outside_its_module_is_refused():
     class Temperature(TinyModule):
         def __init__(self):
@@ -371,6 +373,6 @@ def test_parameter_used_outside_its_module_is_refused():
             x, y = batch
             return F.cross_entropy(self(x) / self.temperature, y)
 
-    with pytest.raises(RuntimeError, match="temperature.*add up"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _trainer(DPStrategy(noise_multiplier=1.0)).fit(Temperature())
+    trainer, module = _trainer(DPStrategy(noise_multiplier=1.0)), Temperature()
+    with pytest.raises(RuntimeError, match=r"temperature.*add up"):
+        trainer.fit(module)
