@@ -1,0 +1,85 @@
+"""A 2-process CPU (gloo) DDP run of DPStrategy; launched by tests/test_ddp.py, one file per rank.
+
+Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
+Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: train | noise | sparta)
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sparta import DPStrategy
+
+N, BATCH = 64, 16
+
+
+class IndexedModule(L.LightningModule):
+    def __init__(self, zero_loss: bool, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, width), nn.GroupNorm(2, width), nn.Tanh(), nn.Linear(width, 3))
+        self.zero_loss = zero_loss
+        self.indices: list[list[int]] = []
+
+    def get_classifier(self) -> nn.Module:
+        return self.net[3]
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.indices.append(idx.tolist())
+        loss = F.cross_entropy(self.net(x), y)
+        return loss * 0.0 if self.zero_loss else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+        return DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=BATCH, shuffle=True)
+
+
+def main(out: Path, mode: str) -> None:
+    L.seed_everything(0)
+    module = IndexedModule(zero_loss=mode == "noise", width=400 if mode == "noise" else 8)
+    initial = [p.detach().clone() for p in module.parameters()]
+    callbacks = []
+    if mode == "sparta":
+        from lightning_sparta import SpartaMaskCallback
+
+        callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
+    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=123, physical_batch_size=5)
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1 if mode == "noise" else 3,
+        max_steps=1 if mode == "noise" else -1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module)
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "initial": initial,
+        "updates": [p.detach() - p0 for p, p0 in zip(module.parameters(), initial, strict=True)],
+        "epsilon": strategy.epsilon(),
+        "steps": strategy.steps,
+        "indices": module.indices,
+        "num_batches": trainer.num_training_batches,
+        "mask": {k: v.clone() for k, v in callbacks[0].mask.items()} if callbacks else None,
+    }
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
