@@ -369,7 +369,9 @@ class DPStrategy(DDPStrategy):
             worker_init_fn=dataloader.worker_init_fn,
             persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
             position_fn=lambda: self._epoch_position,
-            epoch_fn=lambda: self.lightning_module.trainer.current_epoch,
+            # `processed`, not `current_epoch`: after an epoch-end checkpoint the first iterator is created
+            # before Lightning moves `completed` up to `processed` (FitLoop.on_run_start).
+            epoch_fn=lambda: self.lightning_module.trainer.fit_loop.epoch_progress.current.processed,
         )
 
     # ------------------------------------------------------------------------------ fit start
@@ -549,8 +551,11 @@ class DPStrategy(DDPStrategy):
             grad_sample = getattr(p, "grad_sample", None)
             batch_grad = torch.zeros_like(p) if p.grad is None else p.grad * scale
             summed = torch.zeros_like(p) if grad_sample is None else grad_sample.sum(0)
+            # Relative error in norm: float rounding of sums over a batch stays far below it, while a
+            # parameter used outside its module's forward is off by O(1).
             tolerance = 5e-2 if self._low_precision else 1e-3
-            if not torch.allclose(summed.float(), batch_grad.float(), rtol=tolerance, atol=tolerance * 1e-2):
+            error = (summed.float() - batch_grad.float()).norm()
+            if error > tolerance * batch_grad.float().norm() + 1e-8:
                 wrong.append(self.engine.parameter_names[p])
         if wrong:
             raise RuntimeError(

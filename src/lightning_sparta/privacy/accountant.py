@@ -13,6 +13,7 @@ import warnings
 from typing import Literal, get_args
 
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import gdp as gdp_analysis
 
 AccountantName = Literal["prv", "rdp", "gdp"]
 
@@ -58,16 +59,40 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
     Returns:
         ε, ``0.0`` for an empty history and ``inf`` when any step had no noise.
 
+    Raises:
+        ValueError: for ``"gdp"`` with more than one distinct ``(σ, q)``: Opacus' Gaussian accountant
+            only composes identical steps.
+
     Example:
         >>> round(epsilon_for([(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp"), 3)
-        1.781
+        2.101
     """
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    # Entries with the same (σ, q) are merged (composition is commutative): Opacus' Gaussian
+    # accountant reads only the last entry of its history, so [(σ, q, a), (σ, q, b)] must become
+    # [(σ, q, a + b)] to be accounted at all.
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if n > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    history = [(s, q, n) for (s, q), n in merged.items()]
     if not history:
         return 0.0
     if any(s == 0.0 for s, _, _ in history):
         return math.inf
     acc = create_accountant(accountant)
+    if accountant == "gdp":
+        if len(history) > 1:
+            raise ValueError(
+                f"The 'gdp' accountant only composes steps with one (σ, q), got {history}; use 'prv' or 'rdp'."
+            )
+        ((sigma, q, steps),) = history
+        mu = gdp_analysis.compute_mu_poisson(steps=steps, noise_multiplier=sigma, sample_rate=q)
+        # Opacus solves δ(ε) = δ on ε ∈ [0, 500] and fails outside: ε = 0 already meets δ (huge σ),
+        # or ε > 500 (e.g. q = 0.5 for 10⁴ steps at σ = 1, where calibration must keep doubling σ).
+        if gdp_analysis.delta_eps_mu(eps=0.0, mu=mu) <= delta:
+            return 0.0
+        if gdp_analysis.delta_eps_mu(eps=500.0, mu=mu) > delta:
+            return math.inf
     acc.history = history
     return float(acc.get_epsilon(delta=delta))
 
@@ -106,6 +131,8 @@ def calibrate_noise_multiplier(
     """
     if steps <= 0:
         raise ValueError(f"`steps` must be positive to calibrate σ, got {steps}.")
+    if not target_epsilon > 0:
+        raise ValueError(f"`target_epsilon` must be positive to calibrate σ, got {target_epsilon}.")
 
     def eps(sigma: float) -> float:
         return epsilon_for([(sigma, sample_rate, steps)], delta, accountant)

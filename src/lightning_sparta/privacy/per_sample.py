@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -130,6 +130,16 @@ class PerSampleGradients:
                 continue
             broadcast = [n for n in _BROADCAST_PARAMETERS.get(type(module), ()) if n in dict(own)]
             rest = [(n, p) for n, p in own if n not in broadcast]
+            if rest and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
+                # functorch re-runs the whole module, so it covers the broadcast parameters too (hooking
+                # them as well would count their gradient twice). Opacus deep-copies the module here: do
+                # it before adding hooks, or the copy carries them and the full backward hook fails
+                # inside torch.func's transforms.
+                covered.add(name)
+                prepare_layer(module)
+                self._attach_sampler(module)
+                self._record(name, module, "functorch", [n for n, _ in _trainable(module, recurse=True)])
+                continue
             if broadcast:
                 self._attach_broadcast(module, broadcast)
                 self._record(name, module, "broadcast", broadcast)
@@ -138,12 +148,8 @@ class PerSampleGradients:
             if grad_sampler_for(module) is not None:
                 self._attach_sampler(module)
                 self._record(name, module, "grad_sampler", [n for n, _ in rest])
-            elif isinstance(module, LightningModule):
+            else:  # a LightningModule's own parameters
                 self._record(name, module, "unsupported", [n for n, _ in rest])
-            else:
-                covered.add(name)
-                self._attach_sampler(module)
-                self._record(name, module, "functorch", [n for n, _ in _trainable(module, recurse=True)])
         self.parameter_names = {p: n for n, p in model.named_parameters() if p.requires_grad}
         self.parameters = list(self.parameter_names)
 
@@ -196,6 +202,9 @@ class PerSampleGradients:
         sampler = grad_sampler_for(module) or ft_compute_per_sample_gradient
         for param, grad_sample in sampler(module, activations, backprops).items():
             if param.requires_grad:
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    # Opacus' Embedding sampler ignores padding_idx, whose row gets no gradient in torch
+                    grad_sample[:, module.padding_idx] = 0
                 _accumulate(param, grad_sample)
 
     def _attach_broadcast(self, module: nn.Module, names: list[str]) -> None:
@@ -226,8 +235,8 @@ class PerSampleGradients:
 
     def _broadcast_hook(self, param: nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
-            if self.enabled:
-                _accumulate(param, grad.detach() * self.loss_scale)
+            if self.enabled:  # grad of the [B, *shape[1:]] expansion; grad_sample is [B, *shape]
+                _accumulate(param, grad.detach().unsqueeze(1) * self.loss_scale)
 
         return hook
 
