@@ -9,8 +9,9 @@ Three objects added to an existing ``Trainer``:
 """
 
 from lightning_sparta.callbacks.privacy_budget import PrivacyBudgetCallback
+from lightning_sparta.callbacks.sparta_mask import SpartaMaskCallback
 from lightning_sparta.strategy import DPStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["DPStrategy", "PrivacyBudgetCallback", "__version__"]
+__all__ = ["DPStrategy", "PrivacyBudgetCallback", "SpartaMaskCallback", "__version__"]

@@ -1,0 +1,359 @@
+"""Mask selectors: which weights of each scored layer SPARTA (or a baseline) fine-tunes.
+
+A selector turns the scored layers' weights (``W_old``) and, for the data-driven ones, the scores
+accumulated during the scoring epoch into a per-layer selection:
+
+* ``granularity="row"``: a sorted 1-D ``LongTensor`` of output rows (a Linear's output neurons, a
+  Conv2d's output filters), trained as a row-stacked ``weight_rows`` (paper, section 7);
+* ``granularity="element"``: a bool mask of the weight's shape (unstructured baselines);
+* ``granularity="fixed"``: no mask; a fixed set of parameters is trained (All, Last, DP-BitFit).
+
+Registered selectors (see :func:`get_selector`):
+
+============== =========== =================== ======= ==============================================
+name           granularity scoring             private what
+============== =========== =================== ======= ==============================================
+``sparta``     row         ``abs_clipped``     yes     Algorithm 1: top rows of ``Σ_t Σ_i |clip(g_i)| + noise``
+``dp_gradient`` element    ``clipped``         yes     Algorithm 2: top ``|Σ_t (Σ_i clip(g_i) + noise)|``
+``oracle``     element     ``true_abs``        **no**  Algorithm 3: top ``Σ_t Σ_i |g_i|`` (true gradients)
+``magnitude``  element     ``None``            yes     Algorithm 4 (MP, Luo et al.): top ``|W_old|``
+``random``     element     ``None``            yes     a uniformly random mask ("Random-Groups")
+``all``        fixed       ``None``            yes     every scored weight (full DP fine-tuning)
+``last``       fixed       ``None``            yes     the classifier head and normalisation layers
+``bitfit``     fixed       ``None``            yes     biases, normalisation layers and the head
+============== =========== =================== ======= ==============================================
+
+Per-layer budgets follow section 4.2 of the paper: every layer keeps ``ceil(fraction · groups)``
+groups (rows or entries), at least one. Ties are broken deterministically, lower index first.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import torch
+from typing_extensions import override
+
+__all__ = [
+    "AllSelector",
+    "BitFitSelector",
+    "DPGradientSelector",
+    "FixedSelector",
+    "LastSelector",
+    "MagnitudeSelector",
+    "MaskSelector",
+    "OracleSelector",
+    "RandomSelector",
+    "SpartaSelector",
+    "get_selector",
+    "num_kept",
+    "register_selector",
+    "registered_selectors",
+    "top_elements",
+    "top_rows",
+]
+
+Scoring = Literal["abs_clipped", "clipped", "true_abs"]
+Granularity = Literal["row", "element", "fixed"]
+
+
+class MaskSelector(ABC):
+    """How a mask is chosen.
+
+    Attributes:
+        name: registry name (for logs and the saved mask).
+        needs_scoring: whether the selector needs a scoring epoch over the private data.
+        scoring: what the scoring epoch accumulates per coordinate of a scored weight:
+            ``"abs_clipped"`` (``Σ_i |g_i|·min(1, C/‖g_i‖)`` + noise, SPARTA), ``"clipped"``
+            (``Σ_i g_i·min(1, C/‖g_i‖)`` + noise, DP-SGD gradients) or ``"true_abs"`` (``Σ_i |g_i|``,
+            unclipped and noiseless: not private); ``None`` if no scoring is needed.
+        private: ``False`` if the mask depends on the private data without a DP guarantee.
+        granularity: ``"row"``, ``"element"`` or ``"fixed"`` (see the module docstring).
+    """
+
+    name: ClassVar[str] = ""
+    needs_scoring: ClassVar[bool] = False
+    scoring: ClassVar[Scoring | None] = None
+    private: ClassVar[bool] = True
+    granularity: ClassVar[Granularity] = "element"
+
+    @abstractmethod
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Choose the trainable part of every scored layer.
+
+        Args:
+            weights: ``W_old`` of every scored layer, by layer name.
+            scores: the scoring epoch's sums by layer name (same shapes as the weights), or ``None``
+                for a selector with ``needs_scoring=False``.
+            fraction: fraction of rows (or entries) to keep per layer, in ``(0, 1]``.
+            generator: CPU random generator, for randomised selectors.
+
+        Returns:
+            Layer name to a sorted ``LongTensor`` of rows (row granularity) or a bool mask of the
+            weight's shape (element granularity); an empty dict for fixed sets.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def num_kept(fraction: float, total: int) -> int:
+    """``ceil(fraction · total)``, at least 1 and at most ``total``.
+
+    Example:
+        >>> num_kept(0.2, 10), num_kept(0.01, 10), num_kept(0.21, 10)
+        (2, 1, 3)
+    """
+    # round() first so that 0.2 * 10 = 2.0000000000000004 does not become 3.
+    return max(1, min(total, math.ceil(round(fraction * total, 9))))
+
+
+def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a 1-D tensor, ties to the lower index, sorted ascending."""
+    order = torch.sort(-values.double(), stable=True).indices[:k]
+    return order.sort().values
+
+
+def top_rows(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Rows with the largest summed score: row ``j`` scores ``score.reshape(out, -1)[j].sum()``.
+
+    Args:
+        score: a tensor whose first dimension indexes rows (a weight-shaped score).
+        fraction: fraction of rows to keep.
+
+    Returns:
+        Sorted ``LongTensor`` of ``num_kept(fraction, out)`` row indices (on the CPU).
+
+    Example:
+        >>> top_rows(torch.tensor([[1.0, 1.0], [3.0, 0.0], [0.0, 2.0]]), 0.5)  # rows sum to 2, 3, 2: tie to row 0
+        tensor([0, 1])
+    """
+    rows = score.detach().reshape(score.shape[0], -1).double().sum(1).cpu()
+    return _top_indices(rows, num_kept(fraction, rows.numel()))
+
+
+def top_elements(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of the ``num_kept(fraction, numel)`` largest entries of ``score``.
+
+    Example:
+        >>> top_elements(torch.tensor([[1.0, 4.0], [3.0, 2.0]]), 0.5)
+        tensor([[False,  True],
+                [ True, False]])
+    """
+    flat = score.detach().reshape(-1).cpu()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[_top_indices(flat, num_kept(fraction, flat.numel()))] = True
+    return mask.view(score.shape)
+
+
+def _need_scores(selector: MaskSelector, scores: dict[str, torch.Tensor] | None, names: list[str]) -> dict:
+    if scores is None:
+        raise ValueError(f"Selector {selector.name!r} needs the scores of the scoring epoch, got None.")
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"Selector {selector.name!r} got no scores for layers {missing}.")
+    return scores
+
+
+class SpartaSelector(MaskSelector):
+    """SPARTA (Algorithm 1): per layer, the rows with the largest sum of private ``|g|`` scores."""
+
+    name = "sparta"
+    needs_scoring = True
+    scoring = "abs_clipped"
+    granularity = "row"
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        scores = _need_scores(self, scores, list(weights))
+        return {name: top_rows(scores[name], fraction) for name in weights}
+
+
+class DPGradientSelector(MaskSelector):
+    """DP-SGD gradients (Algorithm 2): top entries of ``|Σ noisy clipped gradient|``, no grouping."""
+
+    name = "dp_gradient"
+    needs_scoring = True
+    scoring = "clipped"
+    granularity = "element"
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        scores = _need_scores(self, scores, list(weights))
+        return {name: top_elements(scores[name].abs(), fraction) for name in weights}
+
+
+class OracleSelector(MaskSelector):
+    """Oracle mask (Algorithm 3): top entries of the true ``Σ_i |g_i|``. NOT differentially private."""
+
+    name = "oracle"
+    needs_scoring = True
+    scoring = "true_abs"
+    private = False
+    granularity = "element"
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        scores = _need_scores(self, scores, list(weights))
+        return {name: top_elements(scores[name], fraction) for name in weights}
+
+
+class MagnitudeSelector(MaskSelector):
+    """MP (Algorithm 4, Luo et al.): top entries of ``|W_old|``; uses no private data."""
+
+    name = "magnitude"
+    granularity = "element"
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return {name: top_elements(w.abs(), fraction) for name, w in weights.items()}
+
+
+class RandomSelector(MaskSelector):
+    """A uniformly random element mask per layer (the paper's "Random-Groups" baseline); no data used."""
+
+    name = "random"
+    granularity = "element"
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        masks = {}
+        for name, w in weights.items():
+            keep = torch.randperm(w.numel(), generator=generator)[: num_kept(fraction, w.numel())]
+            mask = torch.zeros(w.numel(), dtype=torch.bool)
+            mask[keep] = True
+            masks[name] = mask.view(w.shape)
+        return masks
+
+
+class FixedSelector(MaskSelector):
+    """A fixed trainable set, chosen without data; :attr:`trainable` names it."""
+
+    granularity = "fixed"
+    trainable: ClassVar[Literal["all", "last", "bitfit"]]
+
+    @override
+    def select(
+        self,
+        weights: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor] | None,
+        fraction: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class AllSelector(FixedSelector):
+    """All: every scored weight trains densely (plus biases, normalisation layers and the head)."""
+
+    name = "all"
+    trainable = "all"
+
+
+class LastSelector(FixedSelector):
+    """Last: only the classifier head and the normalisation layers train (the paper's "Last")."""
+
+    name = "last"
+    trainable = "last"
+
+
+class BitFitSelector(FixedSelector):
+    """DP-BitFit: biases of the scored layers, normalisation layers and the head train."""
+
+    name = "bitfit"
+    trainable = "bitfit"
+
+
+_REGISTRY: dict[str, MaskSelector] = {}
+
+
+def register_selector(name: str, selector: MaskSelector, force: bool = False) -> None:
+    """Register ``selector`` under ``name`` for ``SpartaMaskCallback(selector=name)``.
+
+    Args:
+        name: the registry key.
+        selector: a :class:`MaskSelector` instance.
+        force: replace an existing registration instead of raising.
+
+    Raises:
+        ValueError: if ``name`` is taken (and ``force`` is False) or ``selector`` is not a MaskSelector.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string, got {name!r}.")
+    if not isinstance(selector, MaskSelector):
+        raise ValueError(f"`selector` must be a MaskSelector instance, got {type(selector).__name__}.")
+    if name in _REGISTRY and not force:
+        raise ValueError(f"A selector named {name!r} is already registered; pass `force=True` to replace it.")
+    _REGISTRY[name] = selector
+
+
+def registered_selectors() -> list[str]:
+    """Names of the registered selectors, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_selector(name: str) -> MaskSelector:
+    """The selector registered under ``name``.
+
+    Raises:
+        ValueError: if no selector has that name; the message lists the registered ones.
+
+    Example:
+        >>> get_selector("sparta").granularity
+        'row'
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown `selector` {name!r}; registered selectors: {registered_selectors()}.")
+    return _REGISTRY[name]
+
+
+for _selector in (
+    SpartaSelector(),
+    DPGradientSelector(),
+    OracleSelector(),
+    MagnitudeSelector(),
+    RandomSelector(),
+    AllSelector(),
+    LastSelector(),
+    BitFitSelector(),
+):
+    register_selector(_selector.name, _selector)
+del _selector
