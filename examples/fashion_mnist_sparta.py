@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--epsilon", type=float, default=2.0, help="target ε of the whole run (default: 2.0)")
     run.add_argument("--delta", type=float, default=1e-5, help="δ of the guarantee (default: 1e-5)")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping threshold C (default: 1.0)")
-    run.add_argument("--selector", default="sparta", help="mask selector: sparta, magnitude, random, ... (default: sparta)")
+    run.add_argument("--selector", default="sparta", help="mask selector: sparta, magnitude, ... (default: sparta)")
     run.add_argument("--trainable-fraction", type=float, default=0.2, help="rows kept per layer (default: 0.2)")
     run.add_argument("--mask-epoch", type=int, default=2, help="T0, the scoring epoch (default: 2)")
     train = parser.add_argument_group("training")

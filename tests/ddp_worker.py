@@ -46,7 +46,7 @@ class IndexedModule(L.LightningModule):
 def main(out: Path, mode: str) -> None:
     L.seed_everything(0)
     module = IndexedModule(zero_loss=mode == "noise", width=400 if mode == "noise" else 8)
-    initial = [p.detach().clone() for p in module.parameters()]
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     callbacks = []
     if mode == "sparta":
         from lightning_sparta import SpartaMaskCallback
@@ -71,7 +71,8 @@ def main(out: Path, mode: str) -> None:
         "world_size": trainer.world_size,
         "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "initial": initial,
-        "updates": [p.detach() - p0 for p, p0 in zip(module.parameters(), initial, strict=True)],
+        # state-dict keys stay dense through SPARTA's swap, so updates are comparable in every mode
+        "updates": [v.detach() - initial[k] for k, v in module.state_dict().items()],
         "epsilon": strategy.epsilon(),
         "steps": strategy.steps,
         "indices": module.indices,

@@ -80,3 +80,16 @@ def test_noise_is_added_once_globally(tmp_path):
     ratio = update.std().item() / expected
     assert abs(ratio - 1) < 0.06, ratio
     assert np.isfinite(r0["epsilon"])
+
+
+def test_sparta_selects_identical_masks_on_every_rank(tmp_path):
+    """Scores are reduced with the noise drawn once, so both ranks select the same rows and stay in sync."""
+    r0, r1 = _run(tmp_path, "sparta")
+    assert r0["mask"]
+    assert r0["mask"].keys() == r1["mask"].keys()
+    for name, rows in r0["mask"].items():
+        assert torch.equal(rows, r1["mask"][name]), name
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["epsilon"] == r1["epsilon"]
+    assert r0["steps"] == 3 * 4  # the scoring epoch's steps are accounted like DP-SGD steps
