@@ -1,0 +1,458 @@
+"""Throughput and peak memory of DP training steps: non-private, Opacus, DPStrategy, SPARTA's phases.
+
+Every row runs in a fresh subprocess of this script (``--row NAME --model NAME``) so that its peak
+memory is its own, and every row is timed by the same harness: a Lightning ``Trainer`` with a
+timing callback (``on_train_batch_start`` → ``on_train_batch_end``, ``time.perf_counter``, CUDA
+synchronised), warm-up steps excluded. Opacus has no Lightning integration, but its
+``GradSampleModule`` and ``DPOptimizer`` drop into an automatic-optimization ``LightningModule``
+unchanged (``DPOptimizer.step(closure)`` runs the closure, clips, noises and steps), so it goes
+through the same loop as the others.
+
+Run ``python benchmarks/speed.py --help``; see ``benchmarks/README.md`` for the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROWS = ("non-private", "opacus", "dpstrategy", "sparta-sparse-20%", "sparta-sparse-1%", "scoring-epoch")
+MODELS = ("deit", "resnet")
+SPARSE_FRACTIONS = {"sparta-sparse-20%": 0.2, "sparta-sparse-1%": 0.01}
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 1.0
+NUM_CLASSES = 10
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 6, 2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 1 with --quick)")
+    parser.add_argument("--batch-size", type=int, default=64, help="(expected) batch size B")
+    parser.add_argument("--dataset-size", type=int, default=1024, help="N: DPStrategy samples with q = B/N")
+    parser.add_argument("--depth", type=int, default=None, help="DeiT depth (default 12, 2 with --quick)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda if available")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every row")
+    parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/speed_<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="few steps and a shallow DeiT, for smoke tests")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each row's steps")
+    parser.add_argument("--seed", type=int, default=0)
+    # Internal: run one row in this process and write its result as JSON.
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2 if args.quick else 6
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.depth is None:
+        args.depth = 2 if args.quick else 12
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, value, allowed in (("models", args.models, MODELS), ("rows", args.rows, ROWS)):
+        unknown = set(value.split(",")) - set(allowed)
+        if unknown:
+            parser.error(f"--{name}: unknown {sorted(unknown)}, choose from {allowed}")
+    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1 or args.dataset_size < args.batch_size:
+        parser.error("need --steps >= 1, --warmup >= 1 and --batch-size <= --dataset-size")
+    return args
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _current_rss_mb() -> float:
+    """Resident set size now (Linux /proc), else the peak so far."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
+
+
+# ---------------------------------------------------------------------------------------- one row
+def build_model(name: str, depth: int):
+    import timm
+    from torch import nn
+
+    if name == "deit":
+        # inplace=False everywhere by default in timm's ViT; cls_token/pos_embed live on the root.
+        return timm.create_model(
+            "deit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=4,
+            num_classes=NUM_CLASSES,
+            depth=depth,
+        )
+    # ResNet-18 from timm's ResNet class: GroupNorm(8, c) for every norm and out-of-place ReLUs and
+    # residual adds. The full backward hooks of both Opacus and DPStrategy refuse an in-place change of a
+    # hooked module's output, and timm's BasicBlock adds the shortcut in place to bn2's output.
+    from timm.models.resnet import BasicBlock, ResNet
+
+    class OutOfPlaceBasicBlock(BasicBlock):
+        def forward(self, x):
+            shortcut = x if self.downsample is None else self.downsample(x)
+            x = self.act1(self.bn1(self.conv1(x)))
+            return self.act2(self.bn2(self.conv2(x)) + shortcut)
+
+    return ResNet(
+        block=OutOfPlaceBasicBlock,
+        layers=(2, 2, 2, 2),
+        num_classes=NUM_CLASSES,
+        norm_layer=lambda channels, **_: nn.GroupNorm(8, channels),
+        act_layer=lambda inplace=False, **_: nn.ReLU(inplace=False),
+    )
+
+
+def head_name(model) -> str:
+    head = model.get_classifier()
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def scored_layers(model) -> dict[str, Any]:
+    """The Linear/Conv2d layers outside the classifier head: SPARTA scores and sparsifies these."""
+    from torch import nn
+
+    head = head_name(model)
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not (n == head or n.startswith(head + "."))
+    }
+
+
+def sparsify_randomly(model, fraction: float, seed: int) -> int:
+    """SPARTA's sparse phase with random rows: returns the number of trainable parameters.
+
+    Trainable afterwards, as in ``SpartaMaskCallback``'s sparse phase: the selected rows
+    (``weight_rows``), the biases of the sparsified layers, every normalisation parameter and the head.
+    """
+    import torch
+    from torch import nn
+
+    from lightning_sparta.sparse import sparsify_
+
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, layer in scored_layers(model).items():
+        out = layer.weight.shape[0]
+        k = max(1, round(fraction * out))
+        masks[name] = torch.randperm(out, generator=generator)[:k]
+    new = sparsify_(model, masks)
+    keep = set()
+    for layer in new.values():
+        keep.add(id(layer.weight_rows))
+        if layer.bias is not None:
+            keep.add(id(layer.bias))
+    head = model.get_classifier()
+    for module in model.modules():
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or module is head:
+            keep.update(id(p) for p in module.parameters(recurse=False))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any]:
+    """Time one (model, row) in this process; every row goes through the same Lightning loop."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dp_row = args.row not in ("non-private", "opacus")
+    if dp_row:  # only DPStrategy rows import the package (it registers grad samplers with Opacus)
+        from lightning_sparta.strategy import DPStrategy
+    if args.row == "opacus":
+        from opacus import PrivacyEngine
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cuda = args.device == "cuda"
+    baseline_mb = _current_rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    model = build_model(args.model, args.depth)
+    if args.row in SPARSE_FRACTIONS:
+        sparsify_randomly(model, SPARSE_FRACTIONS[args.row], args.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    images = torch.randn(args.dataset_size, 3, 32, 32)
+    labels = torch.randint(0, NUM_CLASSES, (args.dataset_size,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True)
+
+    def sgd(module):
+        return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+    optimizer = None
+    if args.row == "opacus":  # Opacus' default behaviour, fixed-size batches
+        engine = PrivacyEngine(accountant="prv")
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=sgd(model),
+            data_loader=loader,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=MAX_GRAD_NORM,
+            poisson_sampling=False,
+        )
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return optimizer if optimizer is not None else sgd(self)
+
+        def train_dataloader(self):
+            return loader
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.step = 0
+            self.samples = 0
+            self.seconds = 0.0
+            self.cpu_seconds = 0.0
+            self.step_times: list[tuple[int, float, float]] = []  # (samples, wall s, CPU s) per timed step
+            self.paths: list[tuple[str, str, str]] | None = None
+            self.profiler = None
+
+        def on_train_start(self, trainer, pl_module):
+            if args.row == "scoring-epoch":  # every step from now on is a private scoring step
+                trainer.strategy.begin_scoring({f"{n}.weight": m.weight for n, m in scored_layers(model).items()})
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.step == args.warmup and args.profile:
+                self.profiler = torch.profiler.profile(record_shapes=False)
+                self.profiler.__enter__()
+            if cuda:
+                torch.cuda.synchronize()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
+            if self.paths is None and dp_row:  # hooks are attached now (the strategy detaches them at teardown)
+                self.paths = [(p.module or "<root>", p.type, p.path) for p in trainer.strategy.engine.paths()]
+            if self.paths is None and args.row == "opacus":  # Opacus prepares functorch lazily, on first use
+                self.paths = [
+                    (n.removeprefix("_module").lstrip(".") or "<root>", type(m).__name__, "functorch")
+                    for n, m in model.named_modules()
+                    if hasattr(m, "ft_compute_sample_grad")
+                ]
+            self.threads = torch.get_num_threads()
+            if self.step >= args.warmup:
+                self.seconds += elapsed
+                self.cpu_seconds += cpu
+                self.samples += int(batch[0].shape[0])
+                self.step_times.append((int(batch[0].shape[0]), elapsed, cpu))
+            self.step += 1
+
+        def on_train_end(self, trainer, pl_module):
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+                print(f"--- profile {args.model} / {args.row} ---\n{table}", file=sys.stderr)
+
+    timer = Timer()
+    strategy: Any = "auto"
+    if dp_row:
+        strategy = DPStrategy(noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, seed=args.seed)
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+    )
+    trainer.fit(Classifier())
+    assert timer.threads == args.threads, f"trained with {timer.threads} threads, not --threads={args.threads}"
+
+    if dp_row:
+        functorch = [m for m, _, path in timer.paths or [] if path == "functorch"]
+        assert not functorch, f"{args.model}/{args.row}: DPStrategy used the functorch fallback for {functorch}"
+    memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb() - baseline_mb
+    return {
+        "model": args.model,
+        "row": args.row,
+        "samples": timer.samples,
+        "seconds": timer.seconds,
+        "samples_per_s": timer.samples / timer.seconds if timer.seconds else 0.0,
+        "cpu_seconds": timer.cpu_seconds,
+        "samples_per_cpu_s": timer.samples / timer.cpu_seconds if timer.cpu_seconds else 0.0,
+        "steps": timer.step_times,
+        "peak_memory_mb": memory_mb,
+        "trainable_parameters": trainable,
+        "paths": timer.paths,
+    }
+
+
+# ---------------------------------------------------------------------------------------- driver
+def _child_command(args: argparse.Namespace, model: str, row: str, result_file: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve())]
+    command += ["--model", model, "--row", row, "--result-file", result_file]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    command += ["--dataset-size", str(args.dataset_size), "--depth", str(args.depth), "--device", args.device]
+    command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    return command + (["--profile"] if args.profile else [])
+
+
+def _ratio(value: float, reference: dict[str, Any] | None, key: str) -> str:
+    if reference is None or "error" in reference or not reference.get(key):
+        return "–"
+    return f"{value / reference[key]:.2f}×"
+
+
+def markdown_table(results: list[dict[str, Any]], speed_key: str = "samples_per_s") -> str:
+    """The results table; ``speed_key`` picks wall-clock (default) or CPU-time throughput."""
+    unit = "samples/s" if speed_key == "samples_per_s" else "samples/CPU-s"
+    lines = [
+        f"| model | method | {unit} | × non-private | × Opacus | peak memory (MB) | × non-private memory | CPU/wall |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        by_row = {r["row"]: r for r in results if r["model"] == model}
+        plain, opacus = by_row.get("non-private"), by_row.get("opacus")
+        for row in ROWS:
+            r = by_row.get(row)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {model} | {row} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            speed, memory = r[speed_key], r["peak_memory_mb"]
+            lines.append(
+                f"| {model} | {row} | {speed:.1f} | {_ratio(speed, plain, speed_key)} | "
+                f"{_ratio(speed, opacus, speed_key)} | {memory:.0f} | {_ratio(memory, plain, 'peak_memory_mb')} | "
+                f"{r['cpu_seconds'] / r['seconds']:.2f} |"
+            )
+        score, dp = by_row.get("scoring-epoch"), by_row.get("dpstrategy")
+        if score and dp and "error" not in score and "error" not in dp:
+            notes.append(
+                f"{model}: scoring-epoch vs dpstrategy (one DP-SGD step): "
+                f"{_ratio(score[speed_key], dp, speed_key)} the throughput, "
+                f"{_ratio(score['peak_memory_mb'], dp, 'peak_memory_mb')} the peak memory."
+            )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def paths_summary(paths: list[list[str]]) -> str:
+    """``path:ModuleType ×count`` over the hooked modules of one DPStrategy row."""
+    counts: dict[str, int] = {}
+    for _, kind, path in paths:
+        counts[f"{path}:{kind}"] = counts.get(f"{path}:{kind}", 0) + 1
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.row is not None:  # child: one row
+        warnings.filterwarnings("ignore")
+        result = run_row(args)
+        Path(args.result_file).write_text(json.dumps(result))
+        return
+
+    import torch
+
+    models, rows = args.models.split(","), [r for r in ROWS if r in args.rows.split(",")]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    header = (
+        f"device={args.device} ({machine}), torch {torch.__version__}, threads={args.threads}, "
+        f"batch={args.batch_size}, N={args.dataset_size}, warmup={args.warmup}, steps={args.steps}, "
+        f"DeiT depth={args.depth}"
+    )
+    print(header, flush=True)
+    results = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for row in rows:
+                result_file = os.path.join(tmp, f"{model}_{row}.json")
+                t0 = time.perf_counter()
+                proc = subprocess.run(
+                    _child_command(args, model, row, result_file),
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count
+                    # to cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
+                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
+                )
+                if args.profile and "--- profile" in proc.stderr:
+                    print(proc.stderr[proc.stderr.index("--- profile") :], file=sys.stderr)
+                if proc.returncode != 0 or not os.path.exists(result_file):
+                    message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"{model:6s} {row:18s} FAILED: {message}", flush=True)
+                    results.append({"model": model, "row": row, "error": message})
+                    continue
+                result = json.loads(Path(result_file).read_text())
+                results.append(result)
+                print(
+                    f"{model:6s} {row:18s} {result['samples_per_s']:7.1f} samples/s "
+                    f"{result['samples_per_cpu_s']:7.1f} samples/CPU-s {result['peak_memory_mb']:6.0f} MB  "
+                    f"trainable={result['trainable_parameters']:>10,d}  ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+                if row == "opacus":
+                    fallback = [f"{m} ({kind})" for m, kind, _ in result["paths"]] or "none"
+                    print(f"    Opacus functorch fallback: {fallback}", flush=True)
+                elif result["paths"]:
+                    print(f"    per-sample paths: {paths_summary(result['paths'])}", flush=True)
+    wall = time.perf_counter() - start
+
+    memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS minus the RSS after imports"
+    text = (
+        f"{header}\n\nPeak memory: {memory}. Wall time of the whole run: {wall:.0f}s.\n\n"
+        f"Wall-clock throughput (time.perf_counter per step):\n\n{markdown_table(results)}\n\n"
+        f"CPU-time throughput (time.process_time per step; less sensitive to other processes):\n\n"
+        f"{markdown_table(results, 'samples_per_cpu_s')}\n"
+    )
+    print("\n" + text)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"speed_{args.device}.md").write_text(text)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{args.device}.json"
+    out.write_text(json.dumps({"config": vars(args), "machine": machine, "wall_s": wall, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
