@@ -250,10 +250,15 @@ class PerSampleGradients:
     def per_sample_norms(self, params: Iterable[nn.Parameter] | None = None) -> torch.Tensor:
         """L2 norm of each sample's gradient over ``params`` (all hooked parameters by default)."""
         params = self.parameters if params is None else list(params)
-        sq = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).pow(2).sum(1) for p in params if _has(p)]
-        if not sq:
+        # vector_norm avoids the full-size temporary that grad_sample.pow(2) would allocate
+        norms = [
+            torch.linalg.vector_norm(p.grad_sample.reshape(p.grad_sample.shape[0], -1), dim=1)
+            for p in params
+            if _has(p)
+        ]
+        if not norms:
             return torch.zeros(0)
-        return torch.stack([s.float() for s in sq]).sum(0).sqrt()
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), dim=0)
 
 
 def _has(p: nn.Parameter) -> bool:
