@@ -141,15 +141,16 @@ def test_empty_batches_are_yielded() -> None:
     assert all(isinstance(b, list) for b in batches)
 
 
-def test_resume_at_applies_to_its_epoch_once() -> None:
+def test_resume_at_applies_to_the_next_iteration_once() -> None:
     sampler = PoissonBatchSampler(num_samples=200, sample_rate=0.1, seed=3)
     full = {epoch: batches_of(PoissonBatchSampler(num_samples=200, sample_rate=0.1, seed=3), epoch) for epoch in (1, 2)}
     sampler.resume_at(2, 4)
     assert batches_of(sampler, 2) == full[2][4:]
     assert batches_of(sampler, 2) == full[2]  # only the next iteration resumes
     sampler.resume_at(2, 4)
-    assert batches_of(sampler, 1) == full[1]  # another epoch ignores (and drops) the resume point
-    assert batches_of(sampler, 2) == full[2]
+    assert batches_of(sampler, 1) == full[2][4:]  # the resume point wins over set_epoch, once
+    assert sampler.epoch == 2
+    assert batches_of(sampler, 1) == full[1]
     sampler.resume_at(1, 10)
     assert batches_of(sampler, 1) == []  # resumed at the end of the epoch
 
@@ -323,6 +324,35 @@ def test_loader_state_round_trip_resumes_at_the_right_step() -> None:
     rest = [indices(b) for b in resumed]
     assert seen + rest == expected
     assert [indices(b) for b in resumed] == expected  # the next pass over the epoch is whole again
+
+
+@pytest.mark.parametrize("length", [10, 6], ids=["whole-epoch", "limit_train_batches"])
+def test_loader_state_after_the_last_step_of_an_epoch_points_at_the_next_epoch(length: int) -> None:
+    """A checkpoint written after an epoch's last step resumes at step 0 of the next epoch, even though
+    Lightning builds the first iterator before it counts the finished epoch (set_epoch still says 2)."""
+    dataset = TensorDataset(torch.arange(300))
+
+    def loader(position: int) -> DPDataLoader:
+        sampler = PoissonBatchSampler(num_samples=len(dataset), sample_rate=0.1, seed=5)
+        return DPDataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=EmptyBatchCollate(default_collate, dataset),
+            position_fn=lambda: position,
+            epoch_fn=lambda: 2,
+            epoch_length_fn=lambda: length,
+        )
+
+    finished = loader(length)
+    list(finished)
+    state = finished.state_dict()
+    assert state == {"epoch": 3, "step": 0, "seed": 5}
+    resumed = loader(0)
+    resumed.load_state_dict(state)
+    epoch3 = PoissonBatchSampler(num_samples=len(dataset), sample_rate=0.1, seed=5)
+    epoch3.set_epoch(3)
+    assert [b[0].tolist() for b in resumed] == list(epoch3)
+    assert loader(length - 1).state_dict()["step"] == length - 1  # one step short: same epoch
 
 
 def test_loader_sets_the_epoch_on_each_iteration() -> None:

@@ -471,6 +471,8 @@ def _resumable_fit(tmp_path, ckpt_path=None, save: bool = False):
         callbacks = (
             ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=5, save_top_k=-1),
             ModelCheckpoint(dirpath=tmp_path / "epochs", every_n_epochs=1, save_top_k=-1),
+            # every 8 steps = in on_train_batch_end of every second epoch's last batch
+            ModelCheckpoint(dirpath=tmp_path / "last_batch", every_n_train_steps=8, save_top_k=-1),
         )
     return _fit(
         tmp_path,
@@ -495,9 +497,10 @@ def uninterrupted(tmp_path_factory):
         ("epochs/epoch=0-step=4.ckpt", "warmup"),
         ("steps/epoch=1-step=5.ckpt", "scoring"),
         ("epochs/epoch=1-step=8.ckpt", "masked"),
+        ("last_batch/epoch=1-step=8.ckpt", "scoring"),
         ("steps/epoch=2-step=10.ckpt", "masked"),
     ],
-    ids=["end-of-warmup", "mid-scoring", "end-of-scoring", "mid-sparse"],
+    ids=["end-of-warmup", "mid-scoring", "end-of-scoring", "last-batch-of-scoring", "mid-sparse"],
 )
 def test_resume_gives_bit_identical_weights(uninterrupted, checkpoint, phase):
     """Resume from a checkpoint in every phase; the final weights equal the uninterrupted run's bit for bit."""

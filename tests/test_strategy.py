@@ -225,7 +225,14 @@ def test_bf16_mixed_trains():
     assert strategy.steps == 4
 
 
-def test_resume_from_mid_run_checkpoint_gives_same_epsilon_and_weights(tmp_path):
+@pytest.mark.parametrize(
+    ("every", "resume_step"),
+    [(5, 5), (4, 4), (4, 8)],
+    ids=["mid-epoch", "last-batch-of-epoch-0", "last-batch-of-epoch-1"],
+)
+def test_resume_from_mid_run_checkpoint_gives_same_epsilon_and_weights(tmp_path, every, resume_step):
+    # 4 steps per epoch: a checkpoint at step 4 or 8 is written in on_train_batch_end of an epoch's last
+    # batch, which Lightning resumes at the start of the next epoch.
     def run(ckpt_path=None, every=None, max_epochs=3):
         L.seed_everything(7)
         module = TinyModule(batch_size=6, momentum=0.9, lr=0.1)
@@ -235,8 +242,8 @@ def test_resume_from_mid_run_checkpoint_gives_same_epsilon_and_weights(tmp_path)
         trainer.fit(module, ckpt_path=ckpt_path)
         return module, strategy
 
-    full, full_strategy = run(every=5)
-    mid = sorted(tmp_path.glob("*step=5*.ckpt"))
+    full, full_strategy = run(every=every)
+    mid = sorted(tmp_path.glob(f"*step={resume_step}.ckpt"))
     assert mid, list(tmp_path.iterdir())
     resumed, resumed_strategy = run(ckpt_path=mid[0])
     assert resumed_strategy.steps == full_strategy.steps == 12

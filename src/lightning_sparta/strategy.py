@@ -372,6 +372,8 @@ class DPStrategy(DDPStrategy):
             # `processed`, not `current_epoch`: after an epoch-end checkpoint the first iterator is created
             # before Lightning moves `completed` up to `processed` (FitLoop.on_run_start).
             epoch_fn=lambda: self.lightning_module.trainer.fit_loop.epoch_progress.current.processed,
+            # Lightning ends an epoch after `num_training_batches` (`limit_train_batches` included).
+            epoch_length_fn=lambda: self.lightning_module.trainer.num_training_batches,
         )
 
     # ------------------------------------------------------------------------------ fit start

@@ -80,7 +80,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def resume_at(self, epoch: int, step: int) -> None:
-        """Make the next iteration of ``epoch`` start at ``step`` (mid-epoch resume)."""
+        """Make the next iteration draw epoch ``epoch`` from step ``step`` on (resume from a checkpoint).
+
+        The resumed position wins over the epoch set by :meth:`set_epoch` for that one iteration: after a
+        checkpoint written at the last batch of an epoch, Lightning creates the first iterator before it
+        moves its own epoch counter on.
+        """
         self._resume = (int(epoch), int(step))
 
     def global_batch(self, epoch: int, step: int) -> np.ndarray:
@@ -90,8 +95,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         start = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            start = self._resume[1]
+        if self._resume is not None:
+            self.epoch, start = self._resume
         self._resume = None
         for step in range(start, self.steps):
             yield self.global_batch(self.epoch, step)[self.rank :: self.num_replicas].tolist()
@@ -160,8 +165,9 @@ class DPDataLoader(DataLoader):
     """A DataLoader over a :class:`PoissonBatchSampler` whose position survives checkpoints.
 
     Lightning saves ``state_dict()`` of stateful training loaders in its checkpoints and restores
-    it on resume; the state is the epoch and the number of steps already taken in it, so a resumed
-    run draws exactly the batches the uninterrupted run would have drawn.
+    it on resume; the state is the epoch and the number of steps already taken in it (an epoch whose
+    ``epoch_length_fn()`` steps are all done is saved as step 0 of the next one), so a resumed run draws
+    exactly the batches the uninterrupted run would have drawn.
 
     Lightning calls ``set_epoch`` on a loader's ``sampler`` but not on its ``batch_sampler``, so the
     loader asks ``epoch_fn`` for the current epoch each time an epoch's iteration starts.
@@ -174,11 +180,13 @@ class DPDataLoader(DataLoader):
         *args: Any,
         position_fn: Callable[[], int] | None = None,
         epoch_fn: Callable[[], int] | None = None,
+        epoch_length_fn: Callable[[], int | float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._position_fn = position_fn
         self._epoch_fn = epoch_fn
+        self._epoch_length_fn = epoch_length_fn
 
     def __iter__(self) -> Any:
         if self._epoch_fn is not None:
@@ -186,8 +194,12 @@ class DPDataLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
+        epoch = self.batch_sampler.epoch
         position = self._position_fn() if self._position_fn is not None else 0
-        return {"epoch": self.batch_sampler.epoch, "step": position, "seed": self.batch_sampler.seed}
+        length = self._epoch_length_fn() if self._epoch_length_fn is not None else len(self.batch_sampler)
+        if position >= min(length, len(self.batch_sampler)):  # the epoch is done: resume at the next one
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "step": position, "seed": self.batch_sampler.seed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.batch_sampler.seed = state_dict["seed"]
