@@ -528,7 +528,8 @@ class DPStrategy(DDPStrategy):
             if grad_sample is None:
                 continue
             if id(p) in scored and self._score_absolute:
-                grad_sample = grad_sample.abs()
+                # in place when the engine owns the storage (it is cleared below): no second copy of g_i
+                grad_sample = grad_sample.abs_() if grad_sample.is_contiguous() else grad_sample.abs()
             if id(p) in scored and not self._score_private:
                 clipped = grad_sample.sum(0)  # true gradients: no clipping (and no noise in _score_step)
             else:
