@@ -382,3 +382,20 @@ def test_parameter_used_outside_its_module_is_refused():
     trainer, module = _trainer(DPStrategy(noise_multiplier=1.0)), Temperature()
     with pytest.raises(RuntimeError, match=r"temperature.*add up"):
         trainer.fit(module)
+
+
+def test_one_process_keeps_the_users_thread_count(monkeypatch):
+    """No launcher for one process: Lightning's would call torch.set_num_threads(cpu_count) when
+    OMP_NUM_THREADS is unset, overriding what the user chose (and skewing CPU benchmarks)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        strategy = DPStrategy(noise_multiplier=1.0)
+        trainer = _trainer(strategy)
+        assert trainer.strategy.launcher is None
+        trainer.fit(TinyModule(batch_size=6))
+        assert strategy.steps == 4
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

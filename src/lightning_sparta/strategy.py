@@ -228,6 +228,15 @@ class DPStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------ DDP plumbing
     @override
+    def _configure_launcher(self) -> None:
+        if self.num_nodes * self.num_processes == 1:
+            # One process needs no launcher; Lightning's would also call torch.set_num_threads(cpu_count)
+            # behind the user's back when OMP_NUM_THREADS is unset.
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
+    @override
     def setup_distributed(self) -> None:
         if self.num_nodes * self.num_processes == 1:
             self.set_world_ranks()  # one process: no process group needed
