@@ -29,7 +29,7 @@ from lightning_sparta.sparse import (
     register_selector,
     registered_selectors,
 )
-from lightning_sparta.sparse.selectors import MagnitudeSelector, num_kept, top_elements, top_rows
+from lightning_sparta.sparse.selectors import MagnitudeSelector, MaskSelector, num_kept, top_elements, top_rows
 
 N, BATCH = 32, 8  # q = 1/4, four Poisson steps per epoch
 SCORED = ("net.conv", "net.fc")
@@ -221,6 +221,14 @@ def test_registry_and_helpers():
     assert w["a"].abs()[mp].min() >= w["a"].abs()[~mp].max()
     with pytest.raises(ValueError, match="needs the scores"):
         get_selector("sparta").select(w, None, 0.5)
+    with pytest.raises(ValueError, match=r"no scores for layers \['a'\]"):
+        get_selector("sparta").select(w, {"b": torch.ones(4, 5)}, 0.5)
+
+    class Incomplete(MaskSelector):
+        name = "incomplete"
+
+    with pytest.raises(NotImplementedError, match="must implement `select_layer`"):
+        Incomplete().select(w, None, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- scores

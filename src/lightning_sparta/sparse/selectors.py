@@ -30,10 +30,10 @@ groups (rows or entries), at least one. Ties are broken deterministically, lower
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import torch
+from torch import Generator, Tensor
 from typing_extensions import override
 
 __all__ = [
@@ -59,8 +59,8 @@ Scoring = Literal["abs_clipped", "clipped", "true_abs"]
 Granularity = Literal["row", "element", "fixed"]
 
 
-class MaskSelector(ABC):
-    """How a mask is chosen.
+class MaskSelector:
+    """How a mask is chosen: subclass it and implement :meth:`select_layer` (or :meth:`select`).
 
     Attributes:
         name: registry name (for logs and the saved mask).
@@ -71,6 +71,14 @@ class MaskSelector(ABC):
             unclipped and noiseless: not private); ``None`` if no scoring is needed.
         private: ``False`` if the mask depends on the private data without a DP guarantee.
         granularity: ``"row"``, ``"element"`` or ``"fixed"`` (see the module docstring).
+
+    Example:
+        >>> class NormRows(MaskSelector):  # rows of largest L2 norm of W_old; data-free
+        ...     name, granularity = "norm_rows", "row"
+        ...     def select_layer(self, weight, score, fraction, generator):
+        ...         return top_rows(weight.reshape(weight.shape[0], -1).norm(dim=1), fraction)
+        >>> NormRows().select({"fc": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}, None, 0.5)
+        {'fc': tensor([0])}
     """
 
     name: ClassVar[str] = ""
@@ -79,7 +87,6 @@ class MaskSelector(ABC):
     private: ClassVar[bool] = True
     granularity: ClassVar[Granularity] = "element"
 
-    @abstractmethod
     def select(
         self,
         weights: dict[str, torch.Tensor],
@@ -87,7 +94,7 @@ class MaskSelector(ABC):
         fraction: float,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Choose the trainable part of every scored layer.
+        """Choose the trainable part of every scored layer (:meth:`select_layer` on each).
 
         Args:
             weights: ``W_old`` of every scored layer, by layer name.
@@ -99,7 +106,30 @@ class MaskSelector(ABC):
         Returns:
             Layer name to a sorted ``LongTensor`` of rows (row granularity) or a bool mask of the
             weight's shape (element granularity); an empty dict for fixed sets.
+
+        Raises:
+            ValueError: if the selector needs scores and some layer has none.
         """
+        if self.needs_scoring:
+            if scores is None:
+                raise ValueError(f"Selector {self.name!r} needs the scores of the scoring epoch, got None.")
+            missing = [n for n in weights if n not in scores]
+            if missing:
+                raise ValueError(f"Selector {self.name!r} got no scores for layers {missing}.")
+        return {
+            name: self.select_layer(w, None if scores is None else scores.get(name), fraction, generator)
+            for name, w in weights.items()
+        }
+
+    def select_layer(
+        self,
+        weight: torch.Tensor,
+        score: torch.Tensor | None,
+        fraction: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The selection of one layer: sorted row indices or a bool mask of ``weight``'s shape."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `select_layer` or `select`.")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -149,18 +179,13 @@ def top_elements(score: torch.Tensor, fraction: float) -> torch.Tensor:
                 [ True, False]])
     """
     flat = score.detach().reshape(-1).cpu()
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[_top_indices(flat, num_kept(fraction, flat.numel()))] = True
-    return mask.view(score.shape)
+    return _index_mask(_top_indices(flat, num_kept(fraction, flat.numel())), score.shape)
 
 
-def _need_scores(selector: MaskSelector, scores: dict[str, torch.Tensor] | None, names: list[str]) -> dict:
-    if scores is None:
-        raise ValueError(f"Selector {selector.name!r} needs the scores of the scoring epoch, got None.")
-    missing = [n for n in names if n not in scores]
-    if missing:
-        raise ValueError(f"Selector {selector.name!r} got no scores for layers {missing}.")
-    return scores
+def _index_mask(indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    mask = torch.zeros(shape.numel(), dtype=torch.bool)
+    mask[indices] = True
+    return mask.view(shape)
 
 
 class SpartaSelector(MaskSelector):
@@ -172,15 +197,11 @@ class SpartaSelector(MaskSelector):
     granularity = "row"
 
     @override
-    def select(
-        self,
-        weights: dict[str, torch.Tensor],
-        scores: dict[str, torch.Tensor] | None,
-        fraction: float,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        scores = _need_scores(self, scores, list(weights))
-        return {name: top_rows(scores[name], fraction) for name in weights}
+    def select_layer(
+        self, weight: Tensor, score: Tensor | None, fraction: float, generator: Generator | None
+    ) -> Tensor:
+        assert score is not None  # checked by select()
+        return top_rows(score, fraction)
 
 
 class DPGradientSelector(MaskSelector):
@@ -189,18 +210,13 @@ class DPGradientSelector(MaskSelector):
     name = "dp_gradient"
     needs_scoring = True
     scoring = "clipped"
-    granularity = "element"
 
     @override
-    def select(
-        self,
-        weights: dict[str, torch.Tensor],
-        scores: dict[str, torch.Tensor] | None,
-        fraction: float,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        scores = _need_scores(self, scores, list(weights))
-        return {name: top_elements(scores[name].abs(), fraction) for name in weights}
+    def select_layer(
+        self, weight: Tensor, score: Tensor | None, fraction: float, generator: Generator | None
+    ) -> Tensor:
+        assert score is not None
+        return top_elements(score.abs(), fraction)
 
 
 class OracleSelector(MaskSelector):
@@ -210,58 +226,38 @@ class OracleSelector(MaskSelector):
     needs_scoring = True
     scoring = "true_abs"
     private = False
-    granularity = "element"
 
     @override
-    def select(
-        self,
-        weights: dict[str, torch.Tensor],
-        scores: dict[str, torch.Tensor] | None,
-        fraction: float,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        scores = _need_scores(self, scores, list(weights))
-        return {name: top_elements(scores[name], fraction) for name in weights}
+    def select_layer(
+        self, weight: Tensor, score: Tensor | None, fraction: float, generator: Generator | None
+    ) -> Tensor:
+        assert score is not None
+        return top_elements(score, fraction)
 
 
 class MagnitudeSelector(MaskSelector):
     """MP (Algorithm 4, Luo et al.): top entries of ``|W_old|``; uses no private data."""
 
     name = "magnitude"
-    granularity = "element"
 
     @override
-    def select(
-        self,
-        weights: dict[str, torch.Tensor],
-        scores: dict[str, torch.Tensor] | None,
-        fraction: float,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        return {name: top_elements(w.abs(), fraction) for name, w in weights.items()}
+    def select_layer(
+        self, weight: Tensor, score: Tensor | None, fraction: float, generator: Generator | None
+    ) -> Tensor:
+        return top_elements(weight.abs(), fraction)
 
 
 class RandomSelector(MaskSelector):
     """A uniformly random element mask per layer (the paper's "Random-Groups" baseline); no data used."""
 
     name = "random"
-    granularity = "element"
 
     @override
-    def select(
-        self,
-        weights: dict[str, torch.Tensor],
-        scores: dict[str, torch.Tensor] | None,
-        fraction: float,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        masks = {}
-        for name, w in weights.items():
-            keep = torch.randperm(w.numel(), generator=generator)[: num_kept(fraction, w.numel())]
-            mask = torch.zeros(w.numel(), dtype=torch.bool)
-            mask[keep] = True
-            masks[name] = mask.view(w.shape)
-        return masks
+    def select_layer(
+        self, weight: Tensor, score: Tensor | None, fraction: float, generator: Generator | None
+    ) -> Tensor:
+        keep = torch.randperm(weight.numel(), generator=generator)[: num_kept(fraction, weight.numel())]
+        return _index_mask(keep, weight.shape)
 
 
 class FixedSelector(MaskSelector):
