@@ -32,6 +32,9 @@ class IndexedModule(L.LightningModule):
         x, y, idx = batch
         self.indices.append(idx.tolist())
         loss = F.cross_entropy(self.net(x), y)
+        # sync_dist in training_step: ranks run different numbers of micro-batches, so DPStrategy must keep
+        # this reduction local (a real all-reduce here would hang); the epoch value is reduced at epoch end.
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(y))
         return loss * 0.0 if self.zero_loss else loss
 
     def configure_optimizers(self):
@@ -52,7 +55,8 @@ def main(out: Path, mode: str) -> None:
         from lightning_sparta import SpartaMaskCallback
 
         callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
-    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=123, physical_batch_size=5)
+    # micro-batches of 2: ranks run different numbers of training_step calls (see the log call above)
+    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=123, physical_batch_size=2)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from opacus.accountants import IAccountant
 from torch import nn
 from torch.optim import Optimizer
@@ -176,6 +176,8 @@ class DPStrategy(DDPStrategy):
         self._verify_next = False
         self._low_precision = False
         self._non_private_reason: str | None = None
+        self._in_training_step = False
+        self._warned_local_reduce = False
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -452,7 +454,35 @@ class DPStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------ the step
     @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        """All-reduce across ranks, except inside ``training_step``, where the value stays local.
+
+        Ranks hold different Poisson slices, so they run ``training_step`` a different number of times
+        (once per micro-batch, not at all for an empty batch): a collective call there, such as
+        ``self.log(..., sync_dist=True)``, would wait forever for the other ranks. Step values are
+        therefore logged per rank; ``on_epoch`` values are still reduced at the end of the epoch.
+        """
+        if self._in_training_step and isinstance(tensor, torch.Tensor) and self.world_size > 1:
+            if not self._warned_local_reduce:
+                self._warned_local_reduce = True
+                rank_zero_warn(
+                    "DPStrategy: a cross-process reduction (e.g. `self.log(..., sync_dist=True)`) inside "
+                    "`training_step` is computed on this rank only: ranks run different numbers of "
+                    "micro-batches, so a collective call there would hang. Epoch-level values are still "
+                    "reduced. Avoid other collectives (all_gather, barrier) in `training_step`."
+                )
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._in_training_step = True
+        try:
+            return self._dp_training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
+
+    def _dp_training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._refresh_hooks()
         for p in self.engine.parameters:
             p.grad = None  # we own the gradients; stale ones would hide a missing per-sample gradient
