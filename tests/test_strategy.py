@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -399,3 +400,27 @@ def test_one_process_keeps_the_users_thread_count(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_resuming_a_longer_run_warns_that_the_target_epsilon_will_be_exceeded(tmp_path):
+    """σ comes from the checkpoint; a resumed run with more epochs would silently overshoot the target."""
+
+    def run(max_epochs, ckpt_path=None):
+        strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, seed=3, accountant="rdp")
+        callbacks = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)]
+        trainer = _trainer(strategy, max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(TinyModule(batch_size=6), ckpt_path=ckpt_path)
+        return strategy
+
+    first = run(max_epochs=2)
+    assert first.epsilon() == pytest.approx(2.0, rel=0.02)
+    checkpoint = tmp_path / "epoch=0-step=4.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=r"(?!DPStrategy: σ = )")  # only ours turns into an error
+        same = run(max_epochs=2, ckpt_path=checkpoint)  # the original plan: no warning
+    assert same.epsilon() == pytest.approx(first.epsilon(), rel=1e-9)
+    longer_eps = first.epsilon_after(4)  # two epochs of 4 steps done, one more planned
+    with pytest.warns(UserWarning, match=rf"will end at ε = {longer_eps:.3f} > target_epsilon=2.0"):
+        longer = run(max_epochs=3, ckpt_path=checkpoint)
+    assert longer.epsilon() == pytest.approx(longer_eps, rel=1e-9)

@@ -399,6 +399,7 @@ class DPStrategy(DDPStrategy):
             self._noise_multiplier = state["noise_multiplier"]
             self.accountant.history = [tuple(h) for h in state["history"]]
             self._non_private_reason = state.get("non_private_reason")
+            self._check_resumed_plan(trainer)
         elif self.target_epsilon is not None:
             steps = self._planned_steps(trainer)
             sigma = calibrate_noise_multiplier(
@@ -415,6 +416,20 @@ class DPStrategy(DDPStrategy):
                 f"δ = {self.target_delta:g} after {steps} steps at q = {self.sample_rate:.5f} ({self.accountant_name})."
             )
         self._refresh_hooks(verbose=True)
+
+    def _check_resumed_plan(self, trainer: pl.Trainer) -> None:
+        """Warn when a resumed run, longer than the one σ was calibrated for, will overshoot its target ε."""
+        if self.target_epsilon is None or self._non_private_reason is not None:
+            return
+        remaining = max(0, self._planned_steps(trainer) - self.steps)
+        final = self.epsilon_after(remaining)
+        if final > self.target_epsilon * (1 + 1e-6):
+            rank_zero_warn(
+                f"DPStrategy: σ = {self._noise_multiplier:.4f} comes from the checkpoint, calibrated for a shorter "
+                f"run; the resumed run's {remaining} remaining steps will end at ε = {final:.3f} > target_epsilon="
+                f"{self.target_epsilon}. Resume with the original max_epochs/max_steps, or stop in time with "
+                f"PrivacyBudgetCallback(stop_at_epsilon={self.target_epsilon})."
+            )
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
