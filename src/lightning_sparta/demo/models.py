@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 __all__ = [
@@ -251,6 +252,7 @@ class ClassifierModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
         self.cosine = cosine
+        self.train_loss_mean = MeanMetric()  # per-sample mean over an epoch, synchronised at its end
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -260,20 +262,19 @@ class ClassifierModule(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean cross-entropy of one batch; logs ``train_loss`` and ``train_acc``."""
+        """Mean cross-entropy of one (micro-)batch; logs ``train_loss`` and ``train_acc``.
+
+        Both are torchmetrics metrics, so no step makes a cross-process call: under
+        :class:`~lightning_sparta.DPStrategy` with DDP, ranks run ``training_step`` a different number
+        of times (once per micro-batch, never for an empty Poisson batch). Step values are the rank's
+        own; epoch values are synchronised once, at the end of the epoch.
+        """
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, reduction="mean")
+        self.train_loss_mean(loss.detach(), weight=len(y))
         self.train_acc(logits.detach(), y)
-        self.log(
-            "train_loss",
-            loss.detach(),
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(y),
-        )
+        self.log("train_loss", self.train_loss_mean, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
