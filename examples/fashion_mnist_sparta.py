@@ -9,98 +9,119 @@ The paper's setting in small:
    row-sparse training) and ``PrivacyBudgetCallback`` (ε in the logs and the progress bar).
 
 Run it with ``make run`` (or ``python examples/fashion_mnist_sparta.py --help``); the TensorBoard
-logs go to ``runs/`` (``tensorboard --logdir runs``).
+logs go to ``runs/`` (``tensorboard --logdir runs``). This script is a command line over
+:func:`lightning_sparta.demo.run_transfer`, which ``benchmarks/accuracy.py`` runs for every method.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from typing import Any
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning_sparta.demo import TransferConfig, run_transfer
 
-from lightning_sparta import DPStrategy, PrivacyBudgetCallback, SpartaMaskCallback
-from lightning_sparta.demo import ClassifierModule, FashionMNISTTransfer, load_pretrained, pretrain_public
-from lightning_sparta.sparse import densify_
+#: The defaults of every option: those of :class:`~lightning_sparta.demo.TransferConfig`.
+DEFAULTS = TransferConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from :class:`~lightning_sparta.demo.TransferConfig`."""
+    d = DEFAULTS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = parser.add_argument_group("privacy and method")
+    run.add_argument(
+        "--epsilon", type=float, default=d.epsilon, help="target ε of the whole run (default: %(default)s)"
+    )
+    run.add_argument("--delta", type=float, default=d.delta, help="δ of the guarantee (default: %(default)g)")
+    run.add_argument(
+        "--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping threshold C (default: %(default)s)"
+    )
+    run.add_argument(
+        "--selector", default=d.selector, help="mask selector: sparta, magnitude, ... (default: %(default)s)"
+    )
+    run.add_argument(
+        "--trainable-fraction",
+        type=float,
+        default=d.trainable_fraction,
+        help="rows kept per layer (default: %(default)s)",
+    )
+    run.add_argument(
+        "--mask-epoch", type=int, default=d.mask_epoch, help="T0, the scoring epoch (default: %(default)s)"
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs in total (default: %(default)s)")
+    train.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="expected logical batch q·n (default: %(default)s)"
+    )
+    train.add_argument(
+        "--physical-batch-size", type=int, default=d.physical_batch_size, help="micro-batch size (default: %(default)s)"
+    )
+    train.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default: %(default)s)")
+    train.add_argument("--train-subset", type=int, default=d.train_subset, help="use only this many private examples")
+    train.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=d.pretrain_epochs,
+        help="public pretraining epochs (default: %(default)s)",
+    )
+    train.add_argument("--devices", type=int, default=d.devices, help="processes (DDP when > 1; default: %(default)s)")
+    train.add_argument("--accelerator", default=d.accelerator, help="cpu, gpu or auto (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=d.seed)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--data-dir", default=d.data_dir, help="folder with the Fashion-MNIST IDX files")
+    io.add_argument("--output", default=d.output, help="TensorBoard and checkpoint folder (default: %(default)s)")
+    io.add_argument("--no-progress-bar", action="store_true")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = parser.add_argument_group("privacy and method")
-    run.add_argument("--epsilon", type=float, default=2.0, help="target ε of the whole run (default: 2.0)")
-    run.add_argument("--delta", type=float, default=1e-5, help="δ of the guarantee (default: 1e-5)")
-    run.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping threshold C (default: 1.0)")
-    run.add_argument("--selector", default="sparta", help="mask selector: sparta, magnitude, ... (default: sparta)")
-    run.add_argument("--trainable-fraction", type=float, default=0.2, help="rows kept per layer (default: 0.2)")
-    run.add_argument("--mask-epoch", type=int, default=2, help="T0, the scoring epoch (default: 2)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=8, help="T, epochs in total (default: 8)")
-    train.add_argument("--batch-size", type=int, default=500, help="expected logical batch q·n (default: 500)")
-    train.add_argument("--physical-batch-size", type=int, default=250, help="micro-batch size (default: 250)")
-    train.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
-    train.add_argument("--train-subset", type=int, default=None, help="use only this many private examples")
-    train.add_argument("--pretrain-epochs", type=int, default=3, help="public pretraining epochs (default: 3)")
-    train.add_argument("--devices", type=int, default=1, help="processes (DDP when > 1; default: 1)")
-    train.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (default: cpu)")
-    train.add_argument("--seed", type=int, default=0)
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    io.add_argument("--output", default="runs", help="TensorBoard and checkpoint folder (default: runs)")
-    io.add_argument("--no-progress-bar", action="store_true")
-    return parser.parse_args(argv)
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    L.seed_everything(args.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
-
-    weights = pretrain_public("gn_cnn", data_dir=args.data_dir, epochs=args.pretrain_epochs, seed=args.seed)
-    model = load_pretrained("gn_cnn", num_classes=5, path=weights)
-    module = ClassifierModule(model, lr=args.lr, momentum=0.9, warmup_epochs=1.0 if args.epochs > 2 else 0.0)
-    data = FashionMNISTTransfer(
-        data_dir=args.data_dir, split="private", batch_size=args.batch_size, train_subset=args.train_subset
-    )
-
-    logger = TensorBoardLogger(args.output, name="fashion_mnist_sparta")
-    strategy = DPStrategy(
-        target_epsilon=args.epsilon,
-        target_delta=args.delta,
+def config_from_args(args: argparse.Namespace) -> TransferConfig:
+    """The :class:`~lightning_sparta.demo.TransferConfig` of the parsed command line."""
+    return TransferConfig(
+        epsilon=args.epsilon,
+        delta=args.delta,
         max_grad_norm=args.max_grad_norm,
+        selector=args.selector,
+        trainable_fraction=args.trainable_fraction,
+        mask_epoch=args.mask_epoch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size,
-    )
-    budget = PrivacyBudgetCallback(log_every_n_steps=5)
-    sparta = SpartaMaskCallback(
-        mask_epoch=args.mask_epoch, trainable_fraction=args.trainable_fraction, selector=args.selector
-    )
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
+        lr=args.lr,
+        train_subset=args.train_subset,
+        pretrain_epochs=args.pretrain_epochs,
         devices=args.devices,
-        strategy=strategy,
-        callbacks=[sparta, budget, LearningRateMonitor("step"), ModelCheckpoint(save_last=True)],
-        logger=logger,
-        log_every_n_steps=5,
-        enable_progress_bar=not args.no_progress_bar,
+        accelerator=args.accelerator,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        output=args.output,
+        progress_bar=not args.no_progress_bar,
     )
-    trainer.fit(module, datamodule=data)
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
-    densify_(module)  # back to a plain torch model, ready to export
-    result = {
-        "test_acc": test["test_acc"],
-        "epsilon": strategy.epsilon(),
-        "delta": args.delta,
-        "wall_time_s": time.perf_counter() - start,
-    }
-    if trainer.is_global_zero:
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the main job with the command line's options and print its summary.
+
+    Returns:
+        The result of :func:`~lightning_sparta.demo.run_transfer` (test accuracy, ε, δ, wall time, ...).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:  # a bad option: name it the command-line way, without a traceback
+        parser.error(str(err))
+    result = run_transfer(config)
+    if result["global_rank"] == 0:
         print(
             f"\nSPARTA on Fashion-MNIST 5-9 ({args.trainable_fraction:.0%} of rows, selector={args.selector}): "
             f"test accuracy {result['test_acc']:.4f} at ε = {result['epsilon']:.3f}, δ = {args.delta:g} "
-            f"in {result['wall_time_s']:.0f} s.\nTensorBoard: tensorboard --logdir {args.output}   ({logger.log_dir})"
+            f"in {result['wall_time_s']:.0f} s.\n"
+            f"TensorBoard: tensorboard --logdir {args.output}   ({result['log_dir']})"
         )
     return result
 

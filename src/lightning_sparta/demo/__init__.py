@@ -1,17 +1,23 @@
 """Offline demo: Fashion-MNIST public/private splits, small DP-compatible models, public pretraining."""
 
+from lightning_sparta.demo.cifar import CIFARDataModule, TimmClassifier
 from lightning_sparta.demo.data import FashionMNISTTransfer, default_cache_dir
 from lightning_sparta.demo.models import ClassifierModule, GroupNormCNN, WarmupCosineSchedule, create_model
 from lightning_sparta.demo.pretrain import load_pretrained, pretrain_public, pretrained_path
+from lightning_sparta.demo.transfer import TransferConfig, run_transfer
 
 __all__ = [
+    "CIFARDataModule",
     "ClassifierModule",
     "FashionMNISTTransfer",
     "GroupNormCNN",
+    "TimmClassifier",
+    "TransferConfig",
     "WarmupCosineSchedule",
     "create_model",
     "default_cache_dir",
     "load_pretrained",
     "pretrain_public",
     "pretrained_path",
+    "run_transfer",
 ]

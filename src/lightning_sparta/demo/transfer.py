@@ -1,0 +1,318 @@
+"""The main job as a function: public pretraining, then private (sparse) fine-tuning on Fashion-MNIST 5-9.
+
+:func:`run_transfer` is the one code path behind ``examples/fashion_mnist_sparta.py`` (the main job)
+and ``benchmarks/accuracy.py`` (every method at equal ε):
+
+1. "public" pretraining, not private: :func:`~lightning_sparta.demo.pretrain.pretrain_public` trains a
+   GroupNorm CNN on Fashion-MNIST classes 0-4, cached after the first run;
+2. private fine-tuning on classes 5-9 with a fresh head: :class:`~lightning_sparta.DPStrategy` (DP-SGD
+   calibrated to a target (ε, δ) over every step of the run, scoring steps included),
+   :class:`~lightning_sparta.SpartaMaskCallback` (warm-up, the mask chosen at ``mask_epoch`` by a
+   selector, sparse training) and :class:`~lightning_sparta.PrivacyBudgetCallback`;
+3. the test accuracy on the official test split of classes 5-9.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_sparta.callbacks.privacy_budget import PrivacyBudgetCallback
+from lightning_sparta.callbacks.sparta_mask import SpartaMaskCallback
+from lightning_sparta.demo.data import FashionMNISTTransfer
+from lightning_sparta.demo.models import ClassifierModule
+from lightning_sparta.demo.pretrain import load_pretrained, pretrain_public
+from lightning_sparta.privacy.accountant import epsilon_for
+from lightning_sparta.sparse import densify_
+from lightning_sparta.sparse.selectors import get_selector, registered_selectors
+from lightning_sparta.strategy import DPStrategy
+
+__all__ = ["TransferConfig", "run_transfer"]
+
+#: The model fine-tuned by the main job (see :func:`~lightning_sparta.demo.models.create_model`).
+TRANSFER_MODEL = "gn_cnn"
+#: Number of classes of the private task (Fashion-MNIST classes 5-9).
+PRIVATE_NUM_CLASSES = 5
+
+
+@dataclass
+class TransferConfig:
+    """Options of the main job (the defaults are those of ``examples/fashion_mnist_sparta.py``).
+
+    Every field is checked when the config is created and again by :func:`run_transfer`; a bad value
+    raises ``ValueError`` naming the field.
+
+    Attributes:
+        epsilon: Target ε of the whole run (σ is calibrated for every step, scoring steps included).
+        delta: δ of the guarantee.
+        max_grad_norm: Clipping threshold ``C``.
+        selector: Mask selector, a registered name (``sparta``, ``magnitude``, ``dp_gradient``, ``oracle``,
+            ``random``, ``all``, ``last``, ``bitfit``).
+        trainable_fraction: Fraction of the rows (row selectors) or entries (element selectors) of every
+            scored layer that trains after the mask is chosen.
+        mask_epoch: ``T0``, the epoch at which the mask is chosen (scored, for data-driven selectors);
+            ``0`` trains the selected set from the start.
+        warmup: What trains before ``T0``: ``"bitfit"`` (DP-BitFit, the paper's practice) or ``"full"``.
+        epochs: ``T``, epochs in total.
+        batch_size: Expected logical (Poisson) batch size ``q·n``.
+        physical_batch_size: Micro-batch size (``None``: the whole logical batch in one pass).
+        lr: Peak SGD learning rate.
+        momentum: SGD momentum.
+        lr_warmup_epochs: Linear learning-rate warm-up in epochs; ``None``: one epoch when ``epochs > 2``,
+            else none (the main job's rule).
+        train_subset: Use only this many private training examples (``None``: all of them).
+        pretrain_epochs: Epochs of the public pretraining (the cached weights are per epoch count and seed).
+        pretrain_seed: Seed of the public pretraining; ``None`` uses ``seed`` (the main job's behaviour).
+        devices: Processes (DDP when > 1).
+        accelerator: ``"cpu"``, ``"gpu"`` or ``"auto"``.
+        seed: Seed of the private run (``seed_everything``: initialisation of the head, Poisson sampling,
+            noise, randomised selectors).
+        data_dir: Folder with the Fashion-MNIST IDX files (``None``: the cache or the system copy).
+        output: Folder for TensorBoard logs, checkpoints and the saved mask.
+        experiment_name: TensorBoard experiment name under ``output``.
+        progress_bar: Show Lightning's progress bar.
+        logger: Write TensorBoard logs (with a learning-rate monitor); ``False`` logs nothing.
+        checkpoint: Save a ``last.ckpt`` checkpoint.
+        save_mask: Save the mask (``sparta_mask.pt``) next to the logs.
+        validate: Evaluate on the validation split after every epoch.
+        model_summary: Print Lightning's model summary.
+        privacy_callback: Add :class:`~lightning_sparta.PrivacyBudgetCallback` (ε in the logs and the
+            progress bar every 5 steps and at every epoch end, and a privacy summary). Each ε costs about
+            half a second of CPU with the PRV accountant; ``False`` saves that and still reports the final ε.
+        allow_non_private: Allow selectors whose mask is not differentially private (``oracle``); the
+            run's ε is then ``inf``.
+    """
+
+    epsilon: float = 2.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    selector: str = "sparta"
+    trainable_fraction: float = 0.2
+    mask_epoch: int = 2
+    warmup: Literal["bitfit", "full"] = "bitfit"
+    epochs: int = 8
+    batch_size: int = 500
+    physical_batch_size: int | None = 250
+    lr: float = 0.1
+    momentum: float = 0.9
+    lr_warmup_epochs: float | None = None
+    train_subset: int | None = None
+    pretrain_epochs: int = 3
+    pretrain_seed: int | None = None
+    devices: int = 1
+    accelerator: str = "cpu"
+    seed: int = 0
+    data_dir: str | None = None
+    output: str = "runs"
+    experiment_name: str = "fashion_mnist_sparta"
+    progress_bar: bool = True
+    logger: bool = True
+    checkpoint: bool = True
+    save_mask: bool = True
+    validate: bool = True
+    model_summary: bool = True
+    privacy_callback: bool = True
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate_config()
+
+    def validate_config(self) -> None:
+        """Check every field.
+
+        Raises:
+            ValueError: For a bad value; the message names the field and the value found.
+
+        Example:
+            >>> TransferConfig(epochs=2, mask_epoch=2)
+            Traceback (most recent call last):
+            ...
+            ValueError: `mask_epoch` must be an integer in [0, epochs) = [0, 2), got 2.
+        """
+        for name in ("epsilon", "max_grad_norm", "lr"):
+            _check_real(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+        _check_real("delta", self.delta, lambda v: 0 < v < 1, "a number in (0, 1)")
+        _check_real("momentum", self.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check_real("trainable_fraction", self.trainable_fraction, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if self.lr_warmup_epochs is not None:
+            _check_real("lr_warmup_epochs", self.lr_warmup_epochs, lambda v: v >= 0, "None or a number >= 0")
+        for name in ("epochs", "batch_size", "pretrain_epochs", "devices"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("physical_batch_size", "train_subset"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1, none_ok=True)
+        if self.pretrain_seed is not None:
+            _check_int("pretrain_seed", self.pretrain_seed, minimum=0, none_ok=True)
+        if not _is_int(self.mask_epoch) or not 0 <= self.mask_epoch < self.epochs:
+            raise ValueError(
+                f"`mask_epoch` must be an integer in [0, epochs) = [0, {self.epochs}), got {self.mask_epoch!r}."
+            )
+        if self.train_subset is not None and self.batch_size > self.train_subset:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must not exceed `train_subset` ({self.train_subset}): the "
+                "Poisson sampling rate is batch_size / number of training examples."
+            )
+        if self.warmup not in ("bitfit", "full"):
+            raise ValueError(f"`warmup` must be 'bitfit' or 'full', got {self.warmup!r}.")
+        if self.selector not in registered_selectors():
+            raise ValueError(f"`selector` must be one of {registered_selectors()}, got {self.selector!r}.")
+        if not get_selector(self.selector).private and not self.allow_non_private:
+            raise ValueError(
+                f"`selector`={self.selector!r} chooses the mask without a DP guarantee: set "
+                "`allow_non_private=True` to run it (the run's ε is then reported as inf)."
+            )
+        for name in ("accelerator", "output", "experiment_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
+        for f in fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain (JSON-serialisable) dict."""
+        return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int, none_ok: bool = False) -> None:
+    if not _is_int(value) or value < minimum:
+        allowed = f"{'None or ' if none_ok else ''}an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _check_real(name: str, value: Any, ok: Any, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def run_transfer(config: TransferConfig) -> dict[str, Any]:
+    """Pretrain (or load) the public model, fine-tune it privately on Fashion-MNIST 5-9 and test it.
+
+    The private run: ``seed_everything(config.seed)``, the cached public GroupNorm CNN with a fresh
+    5-way head, :class:`~lightning_sparta.demo.models.ClassifierModule` (SGD with momentum over every
+    parameter, linear warm-up then cosine decay per step), :class:`~lightning_sparta.DPStrategy`
+    calibrated to ``(epsilon, delta)`` for all ``epochs``, :class:`~lightning_sparta.SpartaMaskCallback`
+    with the config's selector and schedule, and :class:`~lightning_sparta.PrivacyBudgetCallback`. After
+    fitting the model is tested, then turned back into a dense model (``densify_``).
+
+    Args:
+        config: The run's options.
+
+    Returns:
+        A dict with ``test_acc`` and ``test_loss`` (official test split of classes 5-9); ``epsilon``
+        (ε reached at ``delta``; ``inf`` when the run is not private, e.g. with ``oracle``) and
+        ``epsilon_dp_sgd`` (ε of the accounted steps alone, which differs from ``epsilon`` only for a
+        non-private run); ``delta``; ``private`` and ``non_private_reason``; ``noise_multiplier`` (σ),
+        ``sample_rate`` (q), ``steps`` (private steps, scoring included), ``steps_per_epoch``,
+        ``train_size`` and ``test_size``; ``trainable_params`` (trainable after fitting, i.e. in the
+        sparse phase), ``total_params`` and ``trainable_param_fraction``; ``wall_time_s`` (everything,
+        loading the pretrained weights included) and ``fit_time_s`` (``trainer.fit`` alone);
+        ``log_dir`` (``None`` without logger) and ``global_rank``.
+
+    Raises:
+        ValueError: If ``config`` has a bad field (the message names it).
+        TypeError: If ``config`` is not a :class:`TransferConfig`.
+        FileNotFoundError: If the Fashion-MNIST files cannot be found or downloaded.
+    """
+    if not isinstance(config, TransferConfig):
+        raise TypeError(f"`config` must be a TransferConfig, got {type(config).__name__}.")
+    config.validate_config()
+    start = time.perf_counter()
+    L.seed_everything(config.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    pretrain_seed = config.seed if config.pretrain_seed is None else config.pretrain_seed
+    weights = pretrain_public(
+        TRANSFER_MODEL, data_dir=config.data_dir, epochs=config.pretrain_epochs, seed=pretrain_seed
+    )
+    model = load_pretrained(TRANSFER_MODEL, num_classes=PRIVATE_NUM_CLASSES, path=weights)
+    lr_warmup = config.lr_warmup_epochs
+    if lr_warmup is None:
+        lr_warmup = 1.0 if config.epochs > 2 else 0.0
+    module = ClassifierModule(model, lr=config.lr, momentum=config.momentum, warmup_epochs=lr_warmup)
+    data = FashionMNISTTransfer(
+        data_dir=config.data_dir, split="private", batch_size=config.batch_size, train_subset=config.train_subset
+    )
+
+    logger = TensorBoardLogger(config.output, name=config.experiment_name) if config.logger else False
+    strategy = DPStrategy(
+        target_epsilon=config.epsilon,
+        target_delta=config.delta,
+        max_grad_norm=config.max_grad_norm,
+        physical_batch_size=config.physical_batch_size,
+    )
+    sparta = SpartaMaskCallback(
+        mask_epoch=config.mask_epoch,
+        trainable_fraction=config.trainable_fraction,
+        selector=config.selector,
+        warmup=config.warmup,
+        allow_non_private=config.allow_non_private,
+        save_mask=config.save_mask,
+    )
+    callbacks: list[Callback] = [sparta]
+    if config.privacy_callback:
+        callbacks.append(PrivacyBudgetCallback(log_every_n_steps=5))
+    if config.logger:
+        callbacks.append(LearningRateMonitor("step"))
+    if config.checkpoint:
+        callbacks.append(ModelCheckpoint(save_last=True))
+    validation: dict[str, Any] = {} if config.validate else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=5,
+        enable_progress_bar=config.progress_bar,
+        enable_checkpointing=config.checkpoint,
+        enable_model_summary=config.model_summary,
+        default_root_dir=config.output,
+        **validation,
+    )
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    fit_time = time.perf_counter() - fit_start
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    densify_(module)  # back to a plain torch model, ready to export
+    total = sum(p.numel() for p in module.parameters())
+    epsilon = strategy.epsilon()
+    if math.isfinite(epsilon) or not strategy.accountant.history:
+        epsilon_dp_sgd = epsilon if strategy.accountant.history else 0.0
+    else:  # not private: ε of the DP-SGD steps alone (a PRV evaluation, about half a second)
+        epsilon_dp_sgd = epsilon_for(strategy.accountant.history, config.delta, strategy.accountant_name)
+    return {
+        "test_acc": float(test["test_acc"]),
+        "test_loss": float(test["test_loss"]),
+        "epsilon": epsilon,
+        "epsilon_dp_sgd": epsilon_dp_sgd,
+        "delta": config.delta,
+        "private": strategy.is_private,
+        "non_private_reason": strategy.non_private_reason,
+        "noise_multiplier": strategy.noise_multiplier,
+        "sample_rate": strategy.sample_rate,
+        "steps": strategy.steps,
+        "steps_per_epoch": strategy.steps_per_epoch,
+        "train_size": strategy.num_samples,
+        "test_size": len(data.test_set) if data.test_set is not None else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_param_fraction": trainable / total,
+        "wall_time_s": time.perf_counter() - start,
+        "fit_time_s": fit_time,
+        "log_dir": logger.log_dir if logger else None,
+        "global_rank": trainer.global_rank,
+    }
