@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 RUN_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: run test lint format venv data bench clean
+.PHONY: run test lint format venv data bench bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+bench-accuracy: $(STAMP) data
+	$(PY) benchmarks/accuracy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache

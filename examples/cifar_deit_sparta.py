@@ -37,7 +37,7 @@ The methods of the paper's Table 2 (``--sparta.*`` are the arguments of ``Sparta
 SPARTA          ``--sparta.selector sparta`` (default; ``--sparta.trainable_fraction``, ``--sparta.mask_epoch``)
 All             ``--sparta.selector all --sparta.mask_epoch 0`` (full DP fine-tuning)
 Last            ``--sparta.selector last --sparta.mask_epoch 0`` (head and normalisation layers)
-MP (Luo et al.) ``--sparta.selector magnitude --sparta.mask_epoch 0`` (top-|W| rows of the pretrained model)
+MP (Luo et al.) ``--sparta.selector magnitude --sparta.mask_epoch 0`` (top-|W| entries of the pretrained model)
 DP-BitFit       ``--sparta.selector bitfit`` (biases, norms and head)
 random mask     ``--sparta.selector random``
 DP-SGD mask     ``--sparta.selector dp_gradient`` (Algorithm 2: element mask from noisy clipped gradients)
