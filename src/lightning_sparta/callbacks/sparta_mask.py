@@ -98,8 +98,10 @@ class SpartaMaskCallback(Callback):
         mask_epoch: ``T0``, the epoch at which the mask is chosen (scored, for data-driven selectors).
         trainable_fraction: fraction of the rows (row selectors) or entries (element selectors) of
             every scored layer that trains; each layer keeps ``ceil(fraction · groups)``, at least one.
-        selector: a registered selector name (see :func:`~lightning_sparta.sparse.selectors.get_selector`)
-            or a :class:`~lightning_sparta.sparse.selectors.MaskSelector` instance.
+        selector: a registered selector name, built in: ``sparta``, ``dp_gradient``, ``oracle``,
+            ``magnitude``, ``random``, ``all``, ``last``, ``bitfit`` (see
+            :func:`~lightning_sparta.sparse.selectors.get_selector`), or a
+            :class:`~lightning_sparta.sparse.selectors.MaskSelector` instance.
         warmup: what trains before ``T0``: ``"bitfit"`` or ``"full"``.
         layer_filter: ``(module, name) -> bool``; only Linear/Conv2d layers for which it returns True
             are scored (the others, and their biases, stay frozen).
