@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make run    the main job: a real private sparse fine-tuning on Fashion-MNIST (about ten minutes on 2 CPU cores)
+#   make run    the main job: a real private sparse fine-tuning on Fashion-MNIST (about 2 minutes on 2 idle CPU cores)
 #   make test   lint and the test suite (CPU, a few minutes)
 # Both create and fill the project's virtual environment (.venv) when it is missing or out of date.
 
