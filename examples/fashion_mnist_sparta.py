@@ -16,6 +16,7 @@ logs go to ``runs/`` (``tensorboard --logdir runs``). This script is a command l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from lightning_sparta.demo import TransferConfig, run_transfer
@@ -81,26 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> TransferConfig:
     """The :class:`~lightning_sparta.demo.TransferConfig` of the parsed command line."""
-    return TransferConfig(
-        epsilon=args.epsilon,
-        delta=args.delta,
-        max_grad_norm=args.max_grad_norm,
-        selector=args.selector,
-        trainable_fraction=args.trainable_fraction,
-        mask_epoch=args.mask_epoch,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        physical_batch_size=args.physical_batch_size,
-        lr=args.lr,
-        train_subset=args.train_subset,
-        pretrain_epochs=args.pretrain_epochs,
-        devices=args.devices,
-        accelerator=args.accelerator,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        output=args.output,
-        progress_bar=not args.no_progress_bar,
-    )
+    # The options are named as the config's fields; only the progress-bar switch is inverted.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferConfig) if hasattr(args, f.name)}
+    return TransferConfig(**values, progress_bar=not args.no_progress_bar)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
