@@ -314,23 +314,14 @@ def transfer_config(args: argparse.Namespace, run: dict[str, Any], output: str) 
     from lightning_sparta.demo import TransferConfig
 
     method = run["method"]
-    return TransferConfig(
-        epsilon=args.epsilon,
-        delta=args.delta,
-        max_grad_norm=args.max_grad_norm,
+    # The shared options are named as the config's fields; the rest is the run's own.
+    return TransferConfig.from_namespace(
+        args,
         selector=method,
         trainable_fraction=run["fraction"],
         mask_epoch=method_mask_epoch(method, args.mask_epoch),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        physical_batch_size=args.physical_batch_size,
-        lr=args.lr,
-        train_subset=args.train_subset,
-        pretrain_epochs=args.pretrain_epochs,
         pretrain_seed=PRETRAIN_SEED,
-        accelerator=args.accelerator,
         seed=run["seed"],
-        data_dir=args.data_dir,
         output=output,
         progress_bar=False,
         logger=False,

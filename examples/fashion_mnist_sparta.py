@@ -16,7 +16,6 @@ logs go to ``runs/`` (``tensorboard --logdir runs``). This script is a command l
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from lightning_sparta.demo import TransferConfig, run_transfer
@@ -83,8 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> TransferConfig:
     """The :class:`~lightning_sparta.demo.TransferConfig` of the parsed command line."""
     # The options are named as the config's fields; only the progress-bar switch is inverted.
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferConfig) if hasattr(args, f.name)}
-    return TransferConfig(**values, progress_bar=not args.no_progress_bar)
+    return TransferConfig.from_namespace(args, progress_bar=not args.no_progress_bar)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

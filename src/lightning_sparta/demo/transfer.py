@@ -176,6 +176,18 @@ class TransferConfig:
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}.")
 
+    @classmethod
+    def from_namespace(cls, namespace: Any, **overrides: Any) -> TransferConfig:
+        """A config from the attributes of ``namespace`` named like fields (e.g. parsed options), then ``overrides``.
+
+        Example:
+            >>> import argparse
+            >>> TransferConfig.from_namespace(argparse.Namespace(epochs=4, quick=True), seed=3).epochs
+            4
+        """
+        values = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
+        return cls(**{**values, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain (JSON-serialisable) dict."""
         return asdict(self)
