@@ -526,12 +526,9 @@ def test_lightning_module_own_parameters_are_unsupported_not_functorch() -> None
     assert model.body[1].scale.grad_sample.shape == (B, 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: activations are paired with backward hooks last-in-first-out, so a call "
-    "whose output takes no part in the loss, made after the one that does, lends it its input",
-)
 def test_call_outside_the_loss_does_not_steal_the_activation() -> None:
+    """Each forward call's output carries its own hook and input (this was a known limitation of the
+    last-in-first-out pairing of full backward hooks)."""
     model, x, y, loss_fn = build("linear_2d")
     expected = reference_per_sample_grads(model, x, y, loss_fn)
     engine = PerSampleGradients()

@@ -1,11 +1,26 @@
 """Per-sample gradients through module hooks, without wrapping the model.
 
-:class:`PerSampleGradients` attaches a forward hook (to keep each layer's input) and a full backward
-hook (to receive the gradient of its output) to every module that *directly* owns trainable
-parameters, and computes ``p.grad_sample`` of shape ``[batch, *p.shape]`` with the grad sampler that
-Opacus has registered for the module's exact type (our sparse layers and timm's layers register
-theirs in :mod:`lightning_sparta.sparse.grad_samplers`). Three paths exist, and
-:meth:`PerSampleGradients.paths` reports which one every module takes:
+:class:`PerSampleGradients` attaches a forward hook to every module that *directly* owns trainable
+parameters. On each forward pass it keeps the layer's input and registers a *tensor* hook on the
+layer's output, which receives the gradient of the loss with respect to that output; from both it
+computes ``p.grad_sample`` of shape ``[batch, *p.shape]`` with the grad sampler that Opacus has
+registered for the module's exact type (our sparse layers and timm's layers register theirs in
+:mod:`lightning_sparta.sparse.grad_samplers`, norm layers in :mod:`lightning_sparta.privacy.batchnorm`).
+
+Why tensor hooks and not ``register_full_backward_hook`` (Opacus' choice): a full backward hook wraps
+the output in a ``BackwardHookFunction`` view, and any later in-place operation on it (timm's
+``ReLU(inplace=True)``, a residual ``x += shortcut``) raises "Output 0 of BackwardHookFunction is a
+view and is being modified inplace". A tensor hook registered *before* an in-place modification
+receives the gradient with respect to the tensor's value before that modification (PyTorch's
+documented semantics, "Behavior of Tensor hooks when Tensor is modified in-place"), which is exactly
+the gradient of the module's output. Each forward call gets its own hook, holding its own input, so a
+module called several times pairs every call with its own gradient.
+
+A module whose sampler expects the gradient at an inner point rather than at its output (timm's
+``BatchNormAct2d`` applies drop and activation after the affine map) is declared with
+:func:`register_sampler_output`: the hook is then placed on the input of the named child.
+
+Four paths exist, and :meth:`PerSampleGradients.paths` reports which one every module takes:
 
 ``"grad_sampler"``
     a registered closed-form sampler (Linear, Conv, norms, Embedding, our row-sparse layers...).
@@ -27,7 +42,7 @@ theirs in :mod:`lightning_sparta.sparse.grad_samplers`). Three paths exist, and
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +56,8 @@ from torch.utils.hooks import RemovableHandle
 Path = Literal["grad_sampler", "broadcast", "functorch", "unsupported"]
 
 _BROADCAST_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
+_SAMPLER_OUTPUTS: dict[type[nn.Module], tuple[str, ...]] = {}
+_PATH_NOTES: list[Callable[[nn.Module], str | None]] = []
 
 
 def register_broadcast_parameters(module_type: type[nn.Module], names: Iterable[str]) -> None:
@@ -54,6 +71,31 @@ def register_broadcast_parameters(module_type: type[nn.Module], names: Iterable[
         names: attribute names of the parameters.
     """
     _BROADCAST_PARAMETERS[module_type] = tuple(names)
+
+
+def register_sampler_output(module_type: type[nn.Module], children: Iterable[str]) -> None:
+    """Declare that the grad sampler of ``module_type`` differentiates the input of a child module.
+
+    Some modules apply more after the part their grad sampler describes: timm's ``BatchNormAct2d`` and
+    ``GroupNormAct`` run ``self.drop`` and ``self.act`` after the normalisation's affine map. For such
+    a type the engine takes the gradient at the input of the first child in ``children`` that the
+    module has (e.g. ``("drop", "act")``), so the sampler sees the gradient of the affine output. That
+    child must be called exactly once per forward pass of the module, on the affine output. A module
+    that has none of the children uses its own output.
+
+    Args:
+        module_type: the exact module type.
+        children: attribute names of candidate child modules, in order of preference.
+    """
+    _SAMPLER_OUTPUTS[module_type] = tuple(children)
+
+
+def register_path_note(note: Callable[[nn.Module], str | None]) -> None:
+    """Add a function that annotates a module's row of :meth:`PerSampleGradients.summary`.
+
+    ``note(module)`` returns a short remark (e.g. ``"BN frozen stats"``) or ``None``.
+    """
+    _PATH_NOTES.append(note)
 
 
 def _register_timm_vit() -> None:
@@ -80,6 +122,7 @@ class ModulePath:
     type: str
     path: Path
     parameters: tuple[str, ...]
+    note: str = ""  # e.g. "BN frozen stats": how the module is made compatible with per-sample gradients
 
 
 def _trainable(module: nn.Module, recurse: bool = False) -> list[tuple[str, nn.Parameter]]:
@@ -111,7 +154,9 @@ class PerSampleGradients:
         self.parameter_names: dict[nn.Parameter, str] = {}
         self._paths: list[ModulePath] = []
         self._handles: list[RemovableHandle] = []
-        self._activations: dict[nn.Module, list[list[torch.Tensor]]] = defaultdict(list)
+        # calls whose output gradient has not arrived yet (dropped by clear())
+        self._activations: dict[nn.Module, list[_Call]] = defaultdict(list)
+        self._tapping: dict[nn.Module, list[_Call]] = defaultdict(list)  # open forward calls, see _attach_tap
         self._swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
 
     # ----------------------------------------------------------------------------------- set-up
@@ -159,7 +204,8 @@ class PerSampleGradients:
             handle.remove()
         self._handles.clear()
         self._paths.clear()
-        self._activations.clear()
+        self._drop_pending()
+        self._tapping.clear()
         self.parameters = []
         self.parameter_names = {}
 
@@ -169,13 +215,14 @@ class PerSampleGradients:
 
     def summary(self) -> str:
         """A readable table of :meth:`paths`."""
-        rows = [("module", "type", "path", "parameters")]
-        rows += [(p.module or "<root>", p.type, p.path, ", ".join(p.parameters)) for p in self._paths]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+        rows = [("module", "type", "path", "parameters", "note")]
+        rows += [(p.module or "<root>", p.type, p.path, ", ".join(p.parameters), p.note) for p in self._paths]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
     def _record(self, name: str, module: nn.Module, path: Path, params: list[str]) -> None:
-        self._paths.append(ModulePath(name, type(module).__name__, path, tuple(params)))
+        notes = [n for note in _PATH_NOTES if (n := note(module))]
+        self._paths.append(ModulePath(name, type(module).__name__, path, tuple(params), "; ".join(notes)))
 
     # ----------------------------------------------------------------------------------- capture
     def capturing(self) -> _Capture:
@@ -186,19 +233,78 @@ class PerSampleGradients:
         return self.enabled and module.training and torch.is_grad_enabled()
 
     def _attach_sampler(self, module: nn.Module) -> None:
-        self._handles.append(module.register_forward_hook(self._save_input))
-        self._handles.append(module.register_full_backward_hook(self._compute))
+        candidates = _SAMPLER_OUTPUTS.get(type(module), ())
+        children = [c for c in candidates if isinstance(getattr(module, c, None), nn.Module)]
+        if children:
+            self._attach_tap(module, getattr(module, children[0]), children[0])
+        else:
+            self._handles.append(module.register_forward_hook(self._hook_output))
 
-    def _save_input(self, module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
-        if self._active(module):
-            self._activations[module].append([t.detach() if torch.is_tensor(t) else t for t in inputs])
-
-    def _compute(self, module: nn.Module, _grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
-        stack = self._activations.get(module)
-        if not self.enabled or not stack:
+    def _hook_output(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        """Forward hook: keep the input and hook the output, whose gradient arrives in the backward pass."""
+        if not self._active(module):
             return
-        activations = stack.pop()
-        backprops = grad_output[0].detach() * self.loss_scale
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if torch.is_tensor(out) and out.requires_grad:
+            call = _Call(module, inputs)
+            self._activations[module].append(call)
+            out.register_hook(self._backward_hook(call))
+
+    def _attach_tap(self, module: nn.Module, child: nn.Module, child_name: str) -> None:
+        """Hook the input of ``child`` (called inside ``module``'s forward) instead of ``module``'s output.
+
+        The tensor hook must be registered before the in-place operations that may follow inside the
+        module's forward (``act`` with ``inplace=True``), so it is placed by a pre-hook of the child;
+        the module's forward hook then decides whether the call is captured and supplies the input.
+        """
+
+        def open_call(mod: nn.Module, _args: Any) -> None:
+            call = _Call(mod, ())
+            call.pending = False  # until close_call accepts it
+            self._tapping[mod].append(call)
+
+        def tap(_child: nn.Module, args: tuple[Any, ...]) -> None:
+            calls = self._tapping.get(module)
+            if not calls or calls[-1].tapped or not args or not torch.is_tensor(args[0]):
+                return  # not inside a forward call of `module`, or already tapped in this call
+            call = calls[-1]
+            call.tapped = True
+            if self.enabled and args[0].requires_grad:
+                args[0].register_hook(self._backward_hook(call))
+
+        def close_call(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            calls = self._tapping.get(mod)
+            call = calls.pop() if calls else None
+            if call is None or output is None or not self._active(mod):
+                return  # output is None when the forward raised (this hook is always called)
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not call.tapped and torch.is_tensor(out) and out.requires_grad:
+                raise RuntimeError(
+                    f"{type(mod).__name__}.{child_name} was not called during the forward pass of its parent: its "
+                    "grad sampler needs the gradient at that child's input (see `register_sampler_output`)."
+                )
+            call.set_inputs(inputs)
+            call.pending = True
+            self._activations[mod].append(call)
+
+        self._handles.append(module.register_forward_pre_hook(open_call))
+        self._handles.append(child.register_forward_pre_hook(tap))
+        self._handles.append(module.register_forward_hook(close_call, always_call=True))
+
+    def _backward_hook(self, call: _Call) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self.enabled and call.pending:
+                self._compute(call, grad)
+
+        return hook
+
+    def _compute(self, call: _Call, grad_output: torch.Tensor) -> None:
+        module = call.module
+        activations = call.take()
+        stack = self._activations.get(module)
+        if stack and call in stack:
+            stack.remove(call)
+        backprops = grad_output.detach() * self.loss_scale
         sampler = grad_sampler_for(module) or ft_compute_per_sample_gradient
         for param, grad_sample in sampler(module, activations, backprops).items():
             if param.requires_grad:
@@ -206,6 +312,12 @@ class PerSampleGradients:
                     # Opacus' Embedding sampler ignores padding_idx, whose row gets no gradient in torch
                     grad_sample[:, module.padding_idx] = 0
                 _accumulate(param, grad_sample)
+
+    def _drop_pending(self) -> None:
+        for calls in self._activations.values():
+            for call in calls:
+                call.cancel()
+        self._activations.clear()
 
     def _attach_broadcast(self, module: nn.Module, names: list[str]) -> None:
         def expand(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -245,7 +357,7 @@ class PerSampleGradients:
         """Drop the stored per-sample gradients and activations."""
         for p in self.parameters:
             p.grad_sample = None
-        self._activations.clear()
+        self._drop_pending()
 
     def per_sample_norms(self, params: Iterable[nn.Parameter] | None = None) -> torch.Tensor:
         """L2 norm of each sample's gradient over ``params`` (all hooked parameters by default)."""
@@ -273,6 +385,39 @@ def _accumulate(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
         param.grad_sample = grad_sample
 
 
+class _Call:
+    """One forward call of a hooked module: its inputs, until the gradient of its output arrives."""
+
+    __slots__ = ("inputs", "module", "pending", "tapped", "versions")
+
+    def __init__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.module = module
+        self.pending = True
+        self.tapped = False
+        self.set_inputs(inputs)
+
+    def set_inputs(self, inputs: tuple[Any, ...]) -> None:
+        self.inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
+        # detach() shares the version counter: a later in-place change of an input is detected in take()
+        self.versions = [t._version if torch.is_tensor(t) else None for t in self.inputs]
+
+    def take(self) -> list[Any]:
+        """The inputs, once; raises if one was modified in place since the forward pass."""
+        self.pending = False
+        inputs, self.inputs = self.inputs, []
+        for i, (t, version) in enumerate(zip(inputs, self.versions, strict=True)):
+            if version is not None and t._version != version:
+                raise RuntimeError(
+                    f"Input {i} of {type(self.module).__name__} was modified in place after its forward pass; "
+                    "its per-sample gradient would use the modified values. Make that operation out of place."
+                )
+        return inputs
+
+    def cancel(self) -> None:
+        self.pending = False
+        self.inputs = []
+
+
 class _Capture:
     def __init__(self, engine: PerSampleGradients) -> None:
         self.engine = engine
@@ -285,4 +430,11 @@ class _Capture:
         self.engine.enabled = False
 
 
-__all__ = ["ModulePath", "PerSampleGradients", "grad_sampler_for", "register_broadcast_parameters"]
+__all__ = [
+    "ModulePath",
+    "PerSampleGradients",
+    "grad_sampler_for",
+    "register_broadcast_parameters",
+    "register_path_note",
+    "register_sampler_output",
+]
