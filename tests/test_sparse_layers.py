@@ -250,7 +250,6 @@ class _OverridesForward(nn.Conv2d):
             lambda: MaskedConv2d.from_dense(_OverridesForward(3, 4, 3), torch.ones(4, 3, 3, 3, dtype=torch.bool)),
             "layer",
         ),
-        (lambda: RowSparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), torch.tensor([0])), "groups=2"),
         (
             lambda: RowSparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding_mode="reflect"), torch.tensor([0])),
             "padding_mode",

@@ -4,9 +4,12 @@ Opacus looks samplers up by exact module type and otherwise falls back to functo
 for the row-sparse layers it would miss the O(k) structure). Importing this module registers:
 
 * :class:`~lightning_sparta.sparse.layers.RowSparseLinear`, ``RowSparseConv2d``: O(k) cost, the
-  dense ``[B, out, in]`` per-sample gradient is never formed.
+  dense ``[B, out, in]`` per-sample gradient is never formed (for a grouped or depthwise conv, each
+  selected filter is correlated with its own group's input channels only).
 * ``MaskedLinear``, ``MaskedConv2d``: dense-cost per-sample gradient, then a gather of the masked
   entries (unstructured masks have no cheaper exact form).
+* ``timm.layers.Conv2dSame`` (dense, e.g. while scoring a ``tf_*`` EfficientNet): Opacus' conv
+  sampler recognises only the exact ``nn.Conv2d`` type and would otherwise fall back to functorch.
 * ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d``: subclasses or
   custom modules that Opacus' exact-type lookup misses.
 
@@ -20,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-from timm.layers import LayerNorm, LayerNorm2d, LayerScale, LayerScale2d
+from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, LayerScale, LayerScale2d
+from timm.layers.padding import pad_same
 from torch import nn
 
 from lightning_sparta.sparse.layers import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear
 
 __all__ = [
+    "compute_conv2d_same_grad_sample",
     "compute_layer_scale2d_grad_sample",
     "compute_layer_scale_grad_sample",
     "compute_masked_conv2d_grad_sample",
@@ -45,9 +50,24 @@ def _bias_grads(layer: nn.Module, backprops: torch.Tensor, channels_last: bool) 
     return {layer.bias: torch.einsum("n...k->nk" if channels_last else "nk...->nk", backprops)}
 
 
-def _unfold(layer: RowSparseConv2d | MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
-    """Im2col patches ``[B, C_in*kH*kW, L]`` matching the layer's weight layout."""
+def _unfold(layer: nn.Conv2d | RowSparseConv2d | MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Im2col patches ``[B, C_in*kH*kW, L]`` matching the layer's weight layout (channel-major)."""
     return F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+
+
+def _dense_conv_weight_grads(layer: nn.Conv2d | MaskedConv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradient ``[B, out, C_in/groups · kH · kW]`` of a (grouped) conv weight.
+
+    Each group's output channels are correlated with that group's input patches only, so a grouped
+    conv costs ``1/groups`` of the equivalent dense correlation (no block-diagonal extraction).
+    ``x`` is the input as the conv sees it (already padded for 'same' convs).
+    """
+    groups, n = layer.groups, len(x)
+    patches = _unfold(layer, x)  # [B, C_in*kH*kW, L], the channels of group g are block g
+    length = patches.shape[-1]
+    per_group_out = backprops.reshape(n, groups, -1, length)  # [B, g, out/g, L]
+    grads = torch.einsum("ngol,ngcl->ngoc", per_group_out, patches.view(n, groups, -1, length))
+    return grads.reshape(n, backprops.shape[1], -1)
 
 
 @register_grad_sampler(RowSparseLinear)
@@ -75,7 +95,7 @@ def compute_row_sparse_linear_grad_sample(
 def compute_row_sparse_conv2d_grad_sample(
     layer: RowSparseConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> Grads:
-    """Per-sample gradients ``[B, k, C_in, kH, kW]`` of ``weight_rows`` and ``[B, out]`` of ``bias``.
+    """Per-sample gradients ``[B, k, C_in/groups, kH, kW]`` of ``weight_rows`` and ``[B, out]`` of ``bias``.
 
     Args:
         layer: The layer.
@@ -85,13 +105,17 @@ def compute_row_sparse_conv2d_grad_sample(
     Returns:
         Per-sample gradient of each trainable parameter.
     """
-    x = activations[0].to(backprops.dtype)
+    x = layer._prepare_input(activations[0].to(backprops.dtype))
     grads = _bias_grads(layer, backprops, channels_last=False)
     if layer.weight_rows.requires_grad:
+        n, k = len(x), layer.num_rows
         selected = backprops.index_select(1, layer.rows).flatten(2)  # [B, k, L]
-        grads[layer.weight_rows] = torch.einsum("nkl,ncl->nkc", selected, _unfold(layer, x)).view(
-            len(x), *layer.weight_rows.shape
-        )
+        if layer.groups == 1:  # every filter reads every input channel
+            weight_grads = torch.einsum("nkl,ncl->nkc", selected, _unfold(layer, x))
+        else:  # filter j reads only its group's channels: patches of the gathered input, block j
+            patches = _unfold(layer, layer._row_inputs(x))  # [B, k*C_in/g*kH*kW, L]
+            weight_grads = torch.einsum("nkl,nkcl->nkc", selected, patches.view(n, k, -1, patches.shape[-1]))
+        grads[layer.weight_rows] = weight_grads.reshape(n, *layer.weight_rows.shape)
     return grads
 
 
@@ -125,7 +149,7 @@ def compute_masked_conv2d_grad_sample(
 ) -> Grads:
     """Per-sample gradients ``[B, nnz]`` of ``weight_values`` and ``[B, out]`` of ``bias``.
 
-    Forms the dense ``[B, out, C_in*kH*kW]`` per-sample gradient, then gathers the masked entries.
+    Forms the dense ``[B, out, C_in/groups*kH*kW]`` per-sample gradient, then gathers the masked entries.
 
     Args:
         layer: The layer.
@@ -135,11 +159,40 @@ def compute_masked_conv2d_grad_sample(
     Returns:
         Per-sample gradient of each trainable parameter.
     """
-    x = activations[0].to(backprops.dtype)
+    x = layer._prepare_input(activations[0].to(backprops.dtype))
     grads = _bias_grads(layer, backprops, channels_last=False)
     if layer.weight_values.requires_grad:
-        dense = torch.einsum("nol,ncl->noc", backprops.flatten(2), _unfold(layer, x))
+        dense = _dense_conv_weight_grads(layer, x, backprops)
         grads[layer.weight_values] = dense.flatten(1).index_select(1, layer.indices)
+    return grads
+
+
+@register_grad_sampler(Conv2dSame)
+def compute_conv2d_same_grad_sample(
+    layer: Conv2dSame, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> Grads:
+    """Per-sample gradients ``[B, out, C_in/groups, kH, kW]`` of ``weight`` and ``[B, out]`` of ``bias``.
+
+    timm's ``Conv2dSame`` pads its input with ``pad_same`` (from the input's own size) and then runs
+    the conv without padding; the same padding is applied to the recorded input here.
+
+    Args:
+        layer: The layer (its ``forward`` must be ``Conv2dSame``'s own).
+        activations: ``[input]``, input of shape ``[B, C_in, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, out, H', W']``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+
+    Raises:
+        ValueError: If ``layer`` is a subclass with another ``forward``.
+    """
+    if type(layer).forward is not Conv2dSame.forward:
+        raise ValueError(f"{type(layer).__name__} overrides Conv2dSame.forward; register its own grad sampler")
+    x = pad_same(activations[0].to(backprops.dtype), layer.kernel_size, layer.stride, layer.dilation)
+    grads = _bias_grads(layer, backprops, channels_last=False)
+    if layer.weight.requires_grad:
+        grads[layer.weight] = _dense_conv_weight_grads(layer, x, backprops).view(len(x), *layer.weight.shape)
     return grads
 
 

@@ -5,14 +5,20 @@ dense ``bias`` Parameter of the layer they replace:
 
 * Row-stacked (SPARTA, section 7): :class:`RowSparseLinear`, :class:`RowSparseConv2d` train a
   ``[k, ...]`` Parameter ``weight_rows`` holding the current values of k selected output rows
-  (a row is one output neuron of a Linear, one output filter of a Conv2d). Per-sample gradients
-  and DP noise cost O(k) instead of O(out).
+  (a row is one output neuron of a Linear, one output filter of a Conv2d: ``[C_in/groups, kH, kW]``
+  for a grouped or depthwise conv). Per-sample gradients and DP noise cost O(k) instead of O(out).
 * Element-masked (unstructured masks): :class:`MaskedLinear`, :class:`MaskedConv2d` train a
   ``[nnz]`` Parameter ``weight_values`` holding the current values of the masked entries.
 
 State dicts always hold the merged dense ``weight`` (+ ``bias``), like the plain layer: a
 checkpoint of a sparse model loads into the dense model and back. The selected rows or entries are
 not part of the state dict; re-create the sparse layer with the same selection before loading.
+
+The Conv2d layers accept any ``groups`` (grouped and depthwise convs) and timm's ``Conv2dSame``
+(TensorFlow 'same' padding computed from each input's size, as in timm's ``tf_*`` models): the
+sparse layer pads its input the same way, and ``to_dense`` gives back a ``Conv2dSame``. Other
+subclasses that override ``forward`` (timm's ``StdConv2d``, ...) compute a different function and
+are refused with :class:`UnsupportedForwardError`.
 """
 
 from __future__ import annotations
@@ -21,18 +27,35 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
 from torch import nn
 
-__all__ = ["MaskedConv2d", "MaskedLinear", "RowSparseConv2d", "RowSparseLinear"]
+__all__ = ["MaskedConv2d", "MaskedLinear", "RowSparseConv2d", "RowSparseLinear", "UnsupportedForwardError"]
+
+
+class UnsupportedForwardError(ValueError):
+    """The layer is a subclass whose own ``forward`` the sparse layers do not reproduce.
+
+    Such a layer (timm's ``StdConv2d``, ``ScaledStdConv2d``, ...) computes something other than the
+    plain op on its weight; replacing it by a sparse layer would silently change the model.
+    """
+
+
+def _same_padding_forward(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs timm's ``Conv2dSame`` forward (input padded from its own size, then conv)."""
+    return isinstance(layer, Conv2dSame) and type(layer).forward is Conv2dSame.forward
 
 
 def _check_dense(layer: nn.Module, dense_type: type[nn.Module]) -> None:
-    """Raise ``ValueError`` unless ``layer`` is a ``dense_type`` that keeps the standard forward."""
-    # Subclasses that override forward (timm's StdConv2d, Conv2dSame, ...) compute something else.
-    if not isinstance(layer, dense_type) or type(layer).forward is not dense_type.forward:
-        raise ValueError(
-            f"layer must be an nn.{dense_type.__name__} (or a subclass that keeps its forward), "
-            f"got {type(layer).__name__}"
+    """Raise ``ValueError`` unless ``layer`` is a ``dense_type`` whose forward the sparse layer reproduces."""
+    if not isinstance(layer, dense_type):
+        raise ValueError(f"layer must be an nn.{dense_type.__name__}, got {type(layer).__name__}")
+    if type(layer).forward is not dense_type.forward and not _same_padding_forward(layer):
+        raise UnsupportedForwardError(
+            f"layer must be an nn.{dense_type.__name__} or a subclass that keeps its forward"
+            f"{' (or timm.layers.Conv2dSame)' if dense_type is nn.Conv2d else ''}, got {type(layer).__name__}, "
+            "whose own forward computes a different function"
         )
 
 
@@ -89,7 +112,20 @@ class _SparseLayer(nn.Module):
     def _read_geometry(self, layer: nn.Module) -> None:
         pass
 
+    @property
+    def _export_type(self) -> type[nn.Module]:
+        """The dense class that ``to_dense`` builds."""
+        return self._dense_type
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the op sees it (padded, for timm's 'same' convs)."""
+        return x
+
     def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rows_op(self, x: torch.Tensor, weight_rows: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
+        """Output channels ``rows`` only, from the stacked rows (``x`` already prepared)."""
         raise NotImplementedError
 
     def _dense_kwargs(self) -> dict[str, Any]:
@@ -115,7 +151,7 @@ class _SparseLayer(nn.Module):
             Parameter with the merged values (exact copy) and whose bias is this layer's ``bias``
             Parameter object.
         """
-        dense = self._dense_type(**self._dense_kwargs(), bias=self.bias is not None, device="meta")
+        dense = self._export_type(**self._dense_kwargs(), bias=self.bias is not None, device="meta")
         dense.weight = nn.Parameter(self._merged_weight().detach().clone())
         if self.bias is not None:
             dense.bias = self.bias
@@ -185,6 +221,9 @@ class _LinearOps:
     def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    def _rows_op(self, x: torch.Tensor, weight_rows: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight_rows, bias_rows)
+
     def _dense_kwargs(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features}
 
@@ -193,19 +232,28 @@ class _LinearOps:
 
 
 class _Conv2dOps:
-    """Geometry of ``nn.Conv2d`` (groups=1, zero padding): weight ``[out, in, kH, kW]``, NCHW."""
+    """Geometry of ``nn.Conv2d`` (any groups, zero padding): weight ``[out, in/groups, kH, kW]``, NCHW.
+
+    ``same_pad``: the layer was timm's ``Conv2dSame``; each input is first padded with
+    ``timm.layers.padding.pad_same`` (TF 'same', from the input's own size) and the conv pads nothing.
+    """
 
     _dense_type = nn.Conv2d
     _channel_dim = 1
     weight_old: torch.Tensor
+    rows: torch.Tensor
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    groups: int
+    same_pad: bool
 
     def _read_geometry(self, layer: nn.Conv2d) -> None:
-        if layer.groups != 1:
-            raise ValueError(f"layer.groups must be 1 for a sparse Conv2d, got groups={layer.groups}")
+        self.groups = layer.groups
+        self.same_pad = _same_padding_forward(layer)
+        if self.same_pad and tuple(layer.padding) != (0, 0):
+            raise ValueError(f"a timm Conv2dSame must have padding=(0, 0) (it pads in forward), got {layer.padding}")
         if layer.padding_mode != "zeros":
             raise ValueError(f"layer.padding_mode must be 'zeros', got {layer.padding_mode!r}")
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
@@ -225,15 +273,45 @@ class _Conv2dOps:
     @property
     def in_channels(self) -> int:
         """Number of input channels."""
-        return self.weight_old.shape[1]
+        return self.weight_old.shape[1] * self.groups
 
     @property
     def out_channels(self) -> int:
         """Number of output channels (filters)."""
         return self.weight_old.shape[0]
 
+    @property
+    def _export_type(self) -> type[nn.Module]:
+        return Conv2dSame if self.same_pad else nn.Conv2d
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_same(x, self.kernel_size, self.stride, self.dilation) if self.same_pad else x
+
     def _dense_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _row_input_channels(self) -> torch.Tensor:
+        """Input channels read by each selected filter, concatenated: ``[k · C_in/groups]``.
+
+        Filter ``o`` of a grouped conv reads only the input channels of its group ``o // (out/groups)``.
+        """
+        per_group = self.weight_old.shape[1]
+        group = torch.div(self.rows, self.out_channels // self.groups, rounding_mode="floor")
+        offsets = torch.arange(per_group, device=self.rows.device)
+        return (group[:, None] * per_group + offsets).flatten()
+
+    def _row_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the (prepared) input that the selected filters read.
+
+        ``x`` itself for ``groups=1``; else ``[B, k · C_in/groups, H, W]``, the input channels of each
+        selected filter's group in row order (a group's channels repeat for each of its selected filters),
+        so that a conv with ``groups=k`` gives the k selected outputs at O(k) cost.
+        """
+        return x if self.groups == 1 else x.index_select(1, self._row_input_channels())
+
+    def _rows_op(self, x: torch.Tensor, weight_rows: torch.Tensor, bias_rows: torch.Tensor | None) -> torch.Tensor:
+        groups = 1 if self.groups == 1 else weight_rows.shape[0]
+        return F.conv2d(self._row_inputs(x), weight_rows, bias_rows, self.stride, self.padding, self.dilation, groups)
 
     def _dense_kwargs(self) -> dict[str, Any]:
         return {
@@ -243,12 +321,14 @@ class _Conv2dOps:
             "stride": self.stride,
             "padding": self.padding,
             "dilation": self.dilation,
+            "groups": self.groups,
         }
 
     def _geometry_repr(self) -> str:
+        extra = (f", groups={self.groups}" if self.groups != 1 else "") + (", same_pad=True" if self.same_pad else "")
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{extra}"
         )
 
 
@@ -279,11 +359,12 @@ class _RowSparse(_SparseLayer):
         """Dense output from the frozen weight, with the k trainable rows' outputs written over it.
 
         ``weight_old`` is a buffer, so backward computes no gradient for it: the weight gradient
-        costs O(k), not O(out).
+        costs O(k), not O(out). A selected filter of a grouped conv reads only its group's input channels.
         """
+        x = self._prepare_input(x)
         base = self._dense_op(x, self.weight_old, self.bias)
         bias_rows = None if self.bias is None else self.bias.index_select(0, self.rows)
-        selected = self._dense_op(x, self.weight_rows, bias_rows)
+        selected = self._rows_op(x, self.weight_rows, bias_rows)
         return base.index_copy(self._channel_dim, self.rows, selected)
 
     def extra_repr(self) -> str:
@@ -316,7 +397,7 @@ class _Masked(_SparseLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the dense op with the merged weight (the gradient of ``weight_values`` is dense-cost)."""
-        return self._dense_op(x, self._merged_weight(), self.bias)
+        return self._dense_op(self._prepare_input(x), self._merged_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self._geometry_repr()}, nnz={self.nnz}/{self.weight_old.numel()}, bias={self.bias is not None}"
@@ -361,12 +442,16 @@ class RowSparseLinear(_LinearOps, _RowSparse):
 
 
 class RowSparseConv2d(_Conv2dOps, _RowSparse):
-    """``nn.Conv2d`` (groups=1) whose trainable weight is a stack of k selected output filters.
+    """``nn.Conv2d`` whose trainable weight is a stack of k selected output filters.
+
+    Grouped and depthwise convs (``groups > 1``) are supported: a selected filter reads only the
+    input channels of its group, so forward, backward and per-sample gradients cost O(k). timm's
+    ``Conv2dSame`` keeps its input-dependent 'same' padding (``same_pad``).
 
     Attributes:
-        weight_old: Frozen full weight ``[out, in, kH, kW]`` (non-persistent buffer).
+        weight_old: Frozen full weight ``[out, in/groups, kH, kW]`` (non-persistent buffer).
         rows: Selected filter indices, sorted and unique (non-persistent buffer).
-        weight_rows: Trainable current values of the selected filters, ``[k, in, kH, kW]``.
+        weight_rows: Trainable current values of the selected filters, ``[k, in/groups, kH, kW]``.
         bias: The dense layer's bias Parameter (same object), or None.
     """
 
@@ -375,15 +460,22 @@ class RowSparseConv2d(_Conv2dOps, _RowSparse):
         """Build a row-sparse copy of ``layer`` that trains only the filters ``rows``.
 
         Args:
-            layer: The dense layer (groups=1, padding_mode='zeros'); its weight is copied into
-                ``weight_old`` and its bias Parameter is reused.
+            layer: The dense layer (``nn.Conv2d`` with any groups and padding_mode='zeros', or timm's
+                ``Conv2dSame``); its weight is copied into ``weight_old`` and its bias Parameter is reused.
             rows: 1-D integer tensor of distinct filter indices in ``[0, out_channels)``.
 
         Returns:
             The row-sparse layer on the layer's device and dtype, equal to ``layer`` in output.
 
         Raises:
-            ValueError: If ``layer`` is not a supported ``nn.Conv2d`` or ``rows`` is invalid.
+            ValueError: If ``layer`` is not a supported ``nn.Conv2d`` or ``rows`` is invalid
+                (:class:`UnsupportedForwardError` for a subclass with its own ``forward``).
+
+        Example:
+            >>> depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            >>> sparse = RowSparseConv2d.from_dense(depthwise, torch.tensor([3, 1]))
+            >>> tuple(sparse.weight_rows.shape), sparse.groups
+            ((2, 1, 3, 3), 4)
         """
         return cls(layer, rows)
 
@@ -416,10 +508,10 @@ class MaskedLinear(_LinearOps, _Masked):
 
 
 class MaskedConv2d(_Conv2dOps, _Masked):
-    """``nn.Conv2d`` (groups=1) whose trainable weight is an arbitrary subset of entries.
+    """``nn.Conv2d`` (any groups, or timm's ``Conv2dSame``) whose trainable weight is a subset of entries.
 
     Attributes:
-        weight_old: Frozen full weight ``[out, in, kH, kW]`` (non-persistent buffer).
+        weight_old: Frozen full weight ``[out, in/groups, kH, kW]`` (non-persistent buffer).
         indices: Sorted flat indices of the trainable entries (non-persistent buffer).
         weight_values: Trainable current values of those entries, ``[nnz]``.
         bias: The dense layer's bias Parameter (same object), or None.
@@ -430,8 +522,8 @@ class MaskedConv2d(_Conv2dOps, _Masked):
         """Build a masked copy of ``layer`` that trains only the entries where ``mask`` is True.
 
         Args:
-            layer: The dense layer (groups=1, padding_mode='zeros'); its weight is copied and
-                its bias Parameter reused.
+            layer: The dense layer (``nn.Conv2d`` with any groups and padding_mode='zeros', or timm's
+                ``Conv2dSame``); its weight is copied and its bias Parameter reused.
             mask: Bool tensor of the weight's shape with at least one True entry.
 
         Returns:

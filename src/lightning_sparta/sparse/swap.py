@@ -49,7 +49,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.
         model: The model to modify.
         masks: Qualified module name (as in ``named_modules``) to selection: a 1-D integer tensor of
             row indices gives a :class:`RowSparseLinear`/:class:`RowSparseConv2d`; a bool tensor
-            of the weight's shape gives a :class:`MaskedLinear`/:class:`MaskedConv2d`.
+            of the weight's shape gives a :class:`MaskedLinear`/:class:`MaskedConv2d`. Convs may be
+            grouped or depthwise, or timm's ``Conv2dSame`` (its 'same' padding is kept).
 
     Returns:
         The new modules by name.
@@ -57,7 +58,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.
     Raises:
         ValueError: If a name is not a submodule of ``model``, names a module other than
             ``nn.Linear``/``nn.Conv2d`` (or one held by an ``nn.MultiheadAttention``, which reads
-            the weight directly), or its selection is invalid.
+            the weight directly, or a subclass with its own ``forward`` such as timm's ``StdConv2d``:
+            :class:`~lightning_sparta.sparse.layers.UnsupportedForwardError`), or its selection is invalid.
     """
     new_modules = {}
     for name, selection in masks.items():
