@@ -2,43 +2,101 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import nn
+
+from lightning_sparta.privacy.batchnorm import FrozenBatchNorm, freeze_batchnorm, has_running_statistics
+
+BatchNormMode = Literal["freeze", "refuse"]
+BATCHNORM_MODES: tuple[str, ...] = ("freeze", "refuse")
 
 
 class IncompatibleModelError(ValueError):
     """A model contains layers that DP-SGD cannot make private."""
 
 
-def incompatible_layers(model: nn.Module) -> dict[str, str]:
-    """Layers of ``model`` that mix samples of a batch, with the reason and the fix.
+def _check_mode(batchnorm: str) -> None:
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
+
+
+def incompatible_layers(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> dict[str, str]:
+    """Layers of ``model`` that mix samples of a batch, with their type.
 
     BatchNorm in training mode normalises each sample with statistics of the whole batch, so one
     sample's output (and gradient) depends on the others and per-sample clipping bounds nothing.
-    This holds whether or not the BatchNorm parameters are trainable.
+    This holds whether or not the BatchNorm parameters are trainable. With ``batchnorm="freeze"``,
+    BatchNorm layers that have running statistics are compatible (see :func:`prepare_model`): only
+    those without (``track_running_stats=False``) are listed.
 
     Example:
         >>> incompatible_layers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
         {'1': 'BatchNorm2d'}
+        >>> incompatible_layers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), batchnorm="freeze")
+        {}
     """
+    _check_mode(batchnorm)
     return {
         name: type(module).__name__
         for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (batchnorm == "refuse" or not has_running_statistics(module))
     }
 
 
-def validate_model(model: nn.Module) -> None:
-    """Raise :class:`IncompatibleModelError` naming every layer that DP-SGD cannot make private."""
-    bad = incompatible_layers(model)
-    if bad:
-        listed = ", ".join(f"{name or '<root>'} ({kind})" for name, kind in bad.items())
+def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> None:
+    """Raise :class:`IncompatibleModelError` naming every layer that DP-SGD cannot make private.
+
+    Args:
+        model: the model.
+        batchnorm: ``"refuse"`` refuses every BatchNorm layer; ``"freeze"`` accepts those whose running
+            statistics can be frozen (:func:`prepare_model` freezes them).
+    """
+    bad = incompatible_layers(model, batchnorm)
+    if not bad:
+        return
+    listed = ", ".join(f"{name or '<root>'} ({kind})" for name, kind in bad.items())
+    fix = (
+        "Replace it with GroupNorm, e.g. `opacus.validators.ModuleValidator.fix(model)` (which starts the new "
+        "GroupNorm layers from fresh weights: the BatchNorm's pretrained affine parameters and running "
+        "statistics are lost), or use a model pretrained with GroupNorm such as timm's `resnet50_gn`."
+    )
+    if batchnorm == "refuse":
         raise IncompatibleModelError(
-            f"BatchNorm is not compatible with differential privacy (it mixes the samples of a batch): "
-            f"{listed}. Replace it with GroupNorm, e.g. `opacus.validators.ModuleValidator.fix(model)` "
-            "(which starts the new GroupNorm layers from fresh weights: the BatchNorm's pretrained "
-            "affine parameters and running statistics are lost), or use a model pretrained with "
-            "GroupNorm such as timm's `resnet50_gn`."
+            f"BatchNorm is not compatible with differential privacy (it mixes the samples of a batch): {listed}. "
+            f"Use `DPStrategy(batchnorm='freeze')` to normalise with the frozen running statistics instead "
+            f"(private; the affine parameters stay trainable), or {fix[0].lower() + fix[1:]}"
         )
+    raise IncompatibleModelError(
+        f"BatchNorm without running statistics (`track_running_stats=False`) always normalises with batch "
+        f"statistics, which mix the samples of a batch, so it cannot be frozen: {listed}. {fix}"
+    )
 
 
-__all__ = ["IncompatibleModelError", "incompatible_layers", "validate_model"]
+def prepare_model(model: nn.Module, batchnorm: BatchNormMode = "freeze") -> FrozenBatchNorm | None:
+    """Validate ``model`` and make its BatchNorm layers private by freezing their statistics.
+
+    With ``batchnorm="freeze"`` every BatchNorm layer normalises with its running statistics (as in
+    ``eval()``) even in training mode, and never updates them; see
+    :func:`~lightning_sparta.privacy.batchnorm.freeze_batchnorm`. With ``"refuse"`` a model with
+    BatchNorm raises, as :func:`validate_model` does.
+
+    Returns:
+        The freezing handle (call ``remove()`` to undo), or ``None`` with ``batchnorm="refuse"``.
+
+    Raises:
+        IncompatibleModelError: naming the layers that cannot be made private.
+    """
+    validate_model(model, batchnorm)
+    return freeze_batchnorm(model) if batchnorm == "freeze" else None
+
+
+__all__ = [
+    "BATCHNORM_MODES",
+    "BatchNormMode",
+    "IncompatibleModelError",
+    "incompatible_layers",
+    "prepare_model",
+    "validate_model",
+]
