@@ -181,8 +181,9 @@ def compute_frozen_batchnorm_grad_sample(
         )
     grads: Grads = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        x_hat = _normalised_with_running_stats(layer, activations[0], backprops.dtype)
-        grads[layer.weight] = torch.einsum("nc...,nc...->nc", backprops, x_hat)
+        dtype = torch.promote_types(backprops.dtype, layer.weight.dtype)  # bf16 backprops: sum in fp32
+        x_hat = _normalised_with_running_stats(layer, activations[0], dtype)
+        grads[layer.weight] = torch.einsum("nc...,nc...->nc", backprops.to(dtype), x_hat)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = torch.einsum("nc...->nc", backprops)
     return grads

@@ -363,8 +363,13 @@ class PerSampleGradients:
         """L2 norm of each sample's gradient over ``params`` (all hooked parameters by default)."""
         params = self.parameters if params is None else list(params)
         # vector_norm avoids the full-size temporary that grad_sample.pow(2) would allocate
+        # accumulated in at least fp32 (bf16 per-sample gradients), without narrowing fp64
         norms = [
-            torch.linalg.vector_norm(p.grad_sample.reshape(p.grad_sample.shape[0], -1), dim=1)
+            torch.linalg.vector_norm(
+                p.grad_sample.reshape(p.grad_sample.shape[0], -1),
+                dim=1,
+                dtype=torch.promote_types(p.grad_sample.dtype, torch.float32),
+            )
             for p in params
             if _has(p)
         ]
