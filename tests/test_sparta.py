@@ -615,7 +615,6 @@ def test_bad_arguments(kwargs, match):
         (None, {"mask_epoch": 3}, ValueError, "mask_epoch"),
         (None, {"strategy": "auto"}, TypeError, "DPStrategy"),
         (SparseModule(Net(batch_norm=True)), {}, IncompatibleModelError, "BatchNorm"),
-        (SparseModule(Net(groups=2)), {}, ValueError, r"'net.conv'.*groups.*layer_filter"),
         (
             None,
             {"callback_kwargs": {"layer_filter": lambda m, n: False}},
@@ -626,7 +625,7 @@ def test_bad_arguments(kwargs, match):
         (None, {"callback_kwargs": {"head": "net.nothing"}}, ValueError, "`head`"),
         (SparseModule(head_only_optimizer=True), {}, ValueError, "optimizer.*net.conv.bias"),
     ],
-    ids=["mask_epoch", "strategy", "batchnorm", "groups", "no-layer", "no-head", "head-name", "optimizer"],
+    ids=["mask_epoch", "strategy", "batchnorm", "no-layer", "no-head", "head-name", "optimizer"],
 )
 def test_refused_configurations(tmp_path, module, kwargs, error, match):
     with pytest.raises(error, match=match):

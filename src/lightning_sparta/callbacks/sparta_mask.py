@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.layers import LayerScale, LayerScale2d
 from torch import nn
 from typing_extensions import override
 
 from lightning_sparta.privacy.validation import validate_model
 from lightning_sparta.sparse import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear, sparsify_
+from lightning_sparta.sparse.layers import UnsupportedForwardError, check_dense
 from lightning_sparta.sparse.selectors import FixedSelector, MaskSelector, get_selector
 from lightning_sparta.strategy import DPStrategy
 
@@ -36,6 +38,24 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _SCORED_TYPES = (nn.Linear, nn.Conv2d)
+# Modules whose parameters have a known role (scored, always trainable, or deliberately frozen by SPARTA
+# like embeddings and timm's LayerScale). With `respect_frozen`, trainable parameters of any other module
+# (e.g. a user's adapter) are "extra": they train densely in every phase, with a warning.
+_KNOWN_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.modules.batchnorm._BatchNorm,
+    *_NORM_TYPES,
+    LayerScale,
+    LayerScale2d,
+    RowSparseLinear,
+    RowSparseConv2d,
+    MaskedLinear,
+    MaskedConv2d,
+)
 _ROW_TYPES = {nn.Linear: RowSparseLinear, nn.Conv2d: RowSparseConv2d}
 _MASK_FILE = "sparta_mask.pt"
 _IMAGE_SIDE = 128  # mask images are average-pooled down to at most this many pixels per side
@@ -54,7 +74,19 @@ class SpartaMaskCallback(Callback):
       instance norms, ``nn.RMSNorm``) and every parameter of the head.
     * the **head**: ``head`` if given, else ``get_classifier()`` of the LightningModule or of its
       first submodule that has that method (timm models, the demo's ``GroupNormCNN``).
-    * everything else (e.g. a ViT's ``cls_token``/``pos_embed``, embeddings) stays frozen.
+    * everything else of known module types (a ViT's ``cls_token``/``pos_embed`` owned by the model
+      that has ``get_classifier()``, embeddings, timm's ``LayerScale``, Linear/Conv layers that are not
+      scored) stays frozen.
+    * with ``respect_frozen=True`` (the default), the trainable set the user chose is kept: every
+      parameter with ``requires_grad=False`` when fitting first starts stays frozen in every phase
+      (a layer whose weight is frozen is not scored; its bias, if left trainable, trains like the
+      scored layers' biases), and trainable parameters of modules of other types (e.g. a LoRA-style
+      adapter with its own ``nn.Parameter``) train densely in every phase, listed in a warning.
+
+    Grouped and depthwise Conv2d layers are scored and made row-sparse like the others (a row is one
+    filter, ``[C_in/groups·kH·kW]``), and so is timm's ``Conv2dSame`` (its 'same' padding is kept).
+    Scored Conv2d subclasses with another ``forward`` of their own (timm's ``StdConv2d``, ...) stay
+    dense and frozen, like layers that ``layer_filter`` rejects, with a warning that names them.
 
     Schedule (``T0 = mask_epoch``):
 
@@ -111,6 +143,9 @@ class SpartaMaskCallback(Callback):
             The run's ε is then reported as ``inf``.
         save_mask: save the mask to ``sparta_mask.pt``.
         seed: seed of randomised selectors (``random``); rank 0's ``torch.initial_seed()`` if None.
+        respect_frozen: keep the user's trainable set (see above); ``False`` lets the callback decide
+            ``requires_grad`` of every parameter, unfreezing what its phases train and freezing
+            parameters of unknown modules.
 
     Raises:
         ValueError: for a bad argument (the message names it); at ``setup`` for a ``mask_epoch`` not
@@ -135,6 +170,7 @@ class SpartaMaskCallback(Callback):
         allow_non_private: bool = False,
         save_mask: bool = True,
         seed: int | None = None,
+        respect_frozen: bool = True,
     ) -> None:
         if not isinstance(mask_epoch, int) or isinstance(mask_epoch, bool) or mask_epoch < 0:
             raise ValueError(f"`mask_epoch` must be an integer >= 0, got {mask_epoch!r}.")
@@ -164,6 +200,8 @@ class SpartaMaskCallback(Callback):
             )
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
+        if not isinstance(respect_frozen, bool):
+            raise ValueError(f"`respect_frozen` must be a bool, got {respect_frozen!r}.")
         self.mask_epoch = mask_epoch
         self.trainable_fraction = float(trainable_fraction)
         self.selector: MaskSelector = selector
@@ -173,6 +211,7 @@ class SpartaMaskCallback(Callback):
         self.allow_non_private = allow_non_private
         self.save_mask = save_mask
         self.seed = seed
+        self.respect_frozen = respect_frozen
 
         #: The selection after ``T0``: layer name -> sorted row indices or bool element mask (empty
         #: for fixed sets); ``None`` before.
@@ -190,6 +229,11 @@ class SpartaMaskCallback(Callback):
         self._scored: dict[str, nn.Module] = {}
         self._always: dict[str, nn.Parameter] = {}
         self._swapped: set[str] = set()
+        # The user's choice (respect_frozen): names of the parameters frozen when fitting first started,
+        # and, per fit, those parameters and the extra (unknown-module) parameters by identity.
+        self._user_frozen: set[str] | None = None
+        self._frozen_ids: set[int] = set()
+        self._extra: dict[str, nn.Parameter] = {}
 
     # ------------------------------------------------------------------------------------ info
     @property
@@ -201,6 +245,11 @@ class SpartaMaskCallback(Callback):
     def scored_layers(self) -> list[str]:
         """Qualified names of the scored Linear/Conv2d layers (known once fitting has started)."""
         return list(self._scored)
+
+    @property
+    def extra_parameters(self) -> list[str]:
+        """Parameters of unknown modules that train densely in every phase (``respect_frozen``)."""
+        return list(self._extra)
 
     # ------------------------------------------------------------------------------------ setup
     @override
@@ -258,7 +307,7 @@ class SpartaMaskCallback(Callback):
             needed = dict(self._warmup_set(pl_module))
             if not (isinstance(self.selector, FixedSelector) and self.selector.trainable != "all"):
                 needed.update({f"{n}.weight": m.weight for n, m in self._scored.items()})
-            self._check_optimizer(trainer, needed)
+            self._check_optimizer(trainer, self._respecting(needed))
         if self._phase == "warmup":
             self._apply(pl_module, self._warmup_set(pl_module))
         elif self._phase == "scoring":
@@ -355,19 +404,32 @@ class SpartaMaskCallback(Callback):
         names = {id(m): n for n, m in pl_module.named_modules()}
         head = self._find_head(pl_module, names)
         head_ids = self._head_ids = {id(m) for m in head.modules()}
+        parameters = list(pl_module.named_parameters(remove_duplicate=False))
+        if self.respect_frozen and self._user_frozen is None:  # the user's choice, when fitting first starts
+            self._user_frozen = {n for n, p in parameters if not p.requires_grad}
+        frozen = self._frozen_ids = {id(p) for n, p in parameters if n in (self._user_frozen or ())}
 
         self._scored = {}
+        frozen_weight_biases: dict[str, nn.Parameter] = {}
         for name, module in pl_module.named_modules():
             if id(module) in head_ids or not isinstance(module, _SCORED_TYPES):
                 continue
             if self.layer_filter is not None and not self.layer_filter(module, name):
                 continue
+            if id(module.weight) in frozen:  # the user froze this weight: never scored, never trained
+                if module.bias is not None:
+                    frozen_weight_biases[f"{name}.bias"] = module.bias
+                continue
             self._scored[name] = module
+        if self.selector.granularity != "fixed":
+            self._drop_unsupported_forward(pl_module)
         if not self._scored:
             raise ValueError(
                 "SpartaMaskCallback found no layer to score: it scores the weights of nn.Linear and nn.Conv2d "
                 "layers outside the classifier head"
-                + (" that `layer_filter` accepts." if self.layer_filter is not None else ".")
+                + (" that `layer_filter` accepts" if self.layer_filter is not None else "")
+                + (" and whose weight is trainable (respect_frozen=True)" if frozen else "")
+                + " (Conv2d subclasses with their own forward are not scored)."
             )
         if self.selector.granularity != "fixed":
             self._check_swappable(pl_module)
@@ -376,11 +438,39 @@ class SpartaMaskCallback(Callback):
         for name, module in self._scored.items():
             if module.bias is not None:
                 always[f"{name}.bias"] = module.bias
+        always.update(frozen_weight_biases)  # dropped below if the user froze them too
         for name, module in pl_module.named_modules():
             if isinstance(module, _NORM_TYPES) or id(module) in head_ids:
                 for pname, p in module.named_parameters(prefix=name, recurse=False):
                     always[pname] = p
-        self._always = _unique(always)
+        self._always = _unique({n: p for n, p in always.items() if id(p) not in frozen})
+        self._extra = self._find_extra(pl_module, head) if self.respect_frozen else {}
+
+    def _find_extra(self, pl_module: pl.LightningModule, head: nn.Module) -> dict[str, nn.Parameter]:
+        """Trainable parameters of modules of no known type (e.g. a user's adapter); warn about them."""
+        roots = {id(m) for m in pl_module.modules() if callable(getattr(m, "get_classifier", None))}
+        head_ids = {id(m) for m in head.modules()}
+        extra: dict[str, nn.Parameter] = {}
+        for name, module in pl_module.named_modules():
+            # A backbone's own parameters (ViT's cls_token/pos_embed) are deliberately frozen, as before.
+            if isinstance(module, _KNOWN_TYPES) or id(module) in roots or id(module) in head_ids:
+                continue
+            for pname, p in module.named_parameters(prefix=name, recurse=False):
+                if id(p) not in self._frozen_ids:
+                    extra[pname] = p
+        extra = _unique(extra)
+        if extra:
+            rank_zero_warn(
+                f"SpartaMaskCallback: {len(extra)} trainable parameter(s) of modules it does not recognise train "
+                f"densely in every phase: {list(extra)}. Freeze them (`requires_grad_(False)`) before `fit` to "
+                "keep them fixed."
+            )
+        return extra
+
+    def _respecting(self, trainable: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """A phase's set with the user's choice applied: plus the extra parameters, minus the user's frozen ones."""
+        merged = _unique({**trainable, **self._extra})
+        return {name: p for name, p in merged.items() if id(p) not in self._frozen_ids}
 
     def _find_head(self, pl_module: pl.LightningModule, names: dict[int, str]) -> nn.Module:
         if isinstance(self.head, str):
@@ -407,6 +497,21 @@ class SpartaMaskCallback(Callback):
             "has `get_classifier()`. Pass it with `SpartaMaskCallback(head=...)` (a module or its qualified name)."
         )
 
+    def _drop_unsupported_forward(self, pl_module: pl.LightningModule) -> None:
+        """Leave dense (unscored, frozen) the scored convs whose own forward the sparse layers do not reproduce."""
+        dropped = []
+        for name, module in list(self._scored.items()):
+            try:
+                check_dense(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d)
+            except UnsupportedForwardError:
+                dropped.append(f"{name} ({type(module).__name__})")
+                del self._scored[name]
+        if dropped:
+            rank_zero_warn(
+                f"SpartaMaskCallback: {len(dropped)} layer(s) override forward with a function the sparse layers do "
+                f"not reproduce; they stay dense, frozen and unscored: {dropped}."
+            )
+
     def _check_swappable(self, pl_module: pl.LightningModule) -> None:
         """Refuse scored layers that the sparse layers cannot replace, before anything changes."""
         for name, module in self._scored.items():
@@ -414,9 +519,9 @@ class SpartaMaskCallback(Callback):
             if isinstance(parent, nn.MultiheadAttention):
                 problem = "it belongs to an nn.MultiheadAttention, which reads its weight directly"
             else:
-                try:  # the sparse layer's own validation: subclasses that override forward, groups, padding
+                try:  # the sparse layer's own validation: padding mode, 'same' padding
                     _ROW_TYPES[nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d].from_dense(
-                        module, torch.zeros(1, dtype=torch.long)
+                        module, torch.zeros(1, dtype=torch.long, device=module.weight.device)
                     )
                     continue
                 except ValueError as err:
@@ -428,8 +533,8 @@ class SpartaMaskCallback(Callback):
 
     def _warmup_set(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         if self.warmup == "full":
-            return _unique(dict(pl_module.named_parameters()))
-        return self._always
+            return self._respecting(_unique(dict(pl_module.named_parameters())))
+        return self._respecting(self._always)
 
     def _final_set(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         if isinstance(self.selector, FixedSelector):
@@ -455,9 +560,8 @@ class SpartaMaskCallback(Callback):
         return {**self._always, **selected}
 
     # ------------------------------------------------------------------------------------ apply
-    @staticmethod
-    def _apply(pl_module: pl.LightningModule, trainable: dict[str, nn.Parameter]) -> None:
-        keep = {id(p) for p in trainable.values()}
+    def _apply(self, pl_module: pl.LightningModule, trainable: dict[str, nn.Parameter]) -> None:
+        keep = {id(p) for p in self._respecting(trainable).values()}
         for p in pl_module.parameters():
             p.requires_grad_(id(p) in keep)
             if id(p) not in keep:
