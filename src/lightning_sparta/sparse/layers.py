@@ -31,7 +31,14 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
 
-__all__ = ["MaskedConv2d", "MaskedLinear", "RowSparseConv2d", "RowSparseLinear", "UnsupportedForwardError"]
+__all__ = [
+    "MaskedConv2d",
+    "MaskedLinear",
+    "RowSparseConv2d",
+    "RowSparseLinear",
+    "UnsupportedForwardError",
+    "check_dense",
+]
 
 
 class UnsupportedForwardError(ValueError):
@@ -47,8 +54,18 @@ def _same_padding_forward(layer: nn.Module) -> bool:
     return isinstance(layer, Conv2dSame) and type(layer).forward is Conv2dSame.forward
 
 
-def _check_dense(layer: nn.Module, dense_type: type[nn.Module]) -> None:
-    """Raise ``ValueError`` unless ``layer`` is a ``dense_type`` whose forward the sparse layer reproduces."""
+def check_dense(layer: nn.Module, dense_type: type[nn.Module]) -> None:
+    """Raise ``ValueError`` unless ``layer`` is a ``dense_type`` whose forward the sparse layers reproduce.
+
+    Args:
+        layer: The dense layer.
+        dense_type: ``nn.Linear`` or ``nn.Conv2d``.
+
+    Raises:
+        UnsupportedForwardError: If ``layer`` is a subclass with a ``forward`` of its own (other than
+            timm's ``Conv2dSame``, which the sparse convs reproduce).
+        ValueError: If ``layer`` is not a ``dense_type``.
+    """
     if not isinstance(layer, dense_type):
         raise ValueError(f"layer must be an nn.{dense_type.__name__}, got {type(layer).__name__}")
     if type(layer).forward is not dense_type.forward and not _same_padding_forward(layer):
@@ -338,7 +355,7 @@ class _RowSparse(_SparseLayer):
     rows: torch.Tensor
 
     def __init__(self, layer: nn.Module, rows: torch.Tensor) -> None:
-        _check_dense(layer, self._dense_type)
+        check_dense(layer, self._dense_type)
         rows = _validated_rows(rows, layer.weight.shape[0], layer.weight.device)
         super().__init__(layer)
         self.register_buffer("rows", rows, persistent=False)
@@ -378,7 +395,7 @@ class _Masked(_SparseLayer):
     indices: torch.Tensor
 
     def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
-        _check_dense(layer, self._dense_type)
+        check_dense(layer, self._dense_type)
         indices = _validated_mask(mask, layer.weight)
         super().__init__(layer)
         self.register_buffer("indices", indices, persistent=False)
