@@ -1,9 +1,10 @@
 """A 2-process CPU (gloo) DDP run of DPStrategy; launched by tests/test_ddp.py, one file per rank.
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
-Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: train | noise | sparta)
+Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: train | noise | sparta | unseeded)
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class IndexedModule(L.LightningModule):
         self.net = nn.Sequential(nn.Linear(6, width), nn.GroupNorm(2, width), nn.Tanh(), nn.Linear(width, 3))
         self.zero_loss = zero_loss
         self.indices: list[list[int]] = []
+        self.register_buffer("offset", torch.randn(6))
 
     def get_classifier(self) -> nn.Module:
         return self.net[3]
@@ -31,7 +33,7 @@ class IndexedModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
         self.indices.append(idx.tolist())
-        loss = F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x + self.offset), y)
         # sync_dist in training_step: ranks run different numbers of micro-batches, so DPStrategy must keep
         # this reduction local (a real all-reduce here would hang); the epoch value is reduced at epoch end.
         self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(y))
@@ -47,7 +49,11 @@ class IndexedModule(L.LightningModule):
 
 
 def main(out: Path, mode: str) -> None:
-    L.seed_everything(0)
+    if mode == "unseeded":
+        # no seed_everything: every rank builds its model from different random weights and buffers
+        torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        L.seed_everything(0)
     module = IndexedModule(zero_loss=mode == "noise", width=400 if mode == "noise" else 8)
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     callbacks = []
@@ -56,7 +62,8 @@ def main(out: Path, mode: str) -> None:
 
         callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
     # micro-batches of 2: ranks run different numbers of training_step calls (see the log call above)
-    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=123, physical_batch_size=2)
+    seed = None if mode == "unseeded" else 123
+    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=seed, physical_batch_size=2)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",

@@ -95,3 +95,17 @@ def test_sparta_selects_identical_masks_on_every_rank(tmp_path):
         assert torch.equal(p, r1["params"][name]), name
     assert r0["epsilon"] == r1["epsilon"]
     assert r0["steps"] == 3 * 4  # the scoring epoch's steps are accounted like DP-SGD steps
+
+
+def test_unseeded_ranks_start_from_rank_zero_weights(tmp_path):
+    """Without seed_everything each rank initialises differently; rank 0's parameters and buffers are
+    broadcast at fit start, so both ranks train one model (and SPARTA would score one model)."""
+    r0, r1 = _run(tmp_path, "unseeded")
+    assert not torch.equal(r0["initial"]["offset"], r1["initial"]["offset"])  # they did start apart
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    # rank 1 trained rank 0's model: its update is relative to rank 0's initial weights
+    for name, p in r1["params"].items():
+        if name == "offset":
+            assert torch.equal(p, r0["initial"][name])
+    assert r0["epsilon"] == r1["epsilon"]

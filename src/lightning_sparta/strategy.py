@@ -20,6 +20,7 @@ the identical update, so the parameters stay identical without DDP's gradient al
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from opacus.accountants import IAccountant
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lightning_sparta.privacy.accountant import (
@@ -46,6 +47,8 @@ from lightning_sparta.privacy.accountant import (
     validate_delta,
     warn_if_delta_too_large,
 )
+from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
+from lightning_sparta.privacy.noise import secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.privacy.sampler import (
     DPDataLoader,
@@ -54,7 +57,7 @@ from lightning_sparta.privacy.sampler import (
     batch_size_of,
     split_batch,
 )
-from lightning_sparta.privacy.validation import validate_model
+from lightning_sparta.privacy.validation import BATCHNORM_MODES, BatchNormMode, prepare_model
 
 _CHECKPOINT_KEY = "lightning_sparta.dp_strategy"
 _SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
@@ -80,12 +83,28 @@ class DPStrategy(DDPStrategy):
         loss_reduction: how ``training_step``'s scalar loss reduces over the batch: ``"mean"`` (the
             default of torch losses) or ``"sum"``. A ``training_step`` that returns one loss per
             sample (shape ``[batch]``) is summed and needs no declaration.
-        seed: seed of the Poisson sampler and of the noise; drawn from torch's RNG (so fixed by
-            ``seed_everything``) when ``None``. Not a cryptographically secure source of randomness.
+        seed: seed of the Poisson sampler and of the noise in the default, reproducible mode; drawn
+            from torch's RNG (so fixed by ``seed_everything``) when ``None``. The noise of step ``t`` is
+            derived from ``(seed, t)``, so it never repeats within one strategy's accounted history
+            (second ``fit`` calls and resumes included), but anyone holding the seed (it is saved in
+            checkpoints) can recompute it. Not a cryptographically secure source of randomness.
+        secure_mode: draw the noise from the operating system's cryptographically secure generator
+            (``os.urandom``, Box-Muller in float64) and the sampling seed from OS entropy, and keep
+            neither in checkpoints or logs: nothing saved allows recomputing the noise. Runs are then
+            not reproducible; a resumed run keeps its ε and sampler position but draws fresh
+            randomness. Must be given with ``seed=None``.
         epsilon_tolerance: how far below ``target_epsilon`` calibration may land.
         start_method: DDP launch method (``"popen"``, ``"spawn"``, ``"fork"``); see Lightning's DDP.
         process_group_backend: ``"gloo"`` or ``"nccl"``; chosen from the device when ``None``.
         timeout: DDP collective timeout.
+        batchnorm: what to do with BatchNorm layers (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``, timm's
+            ``BatchNormAct2d``). ``"freeze"`` (default): during fitting they always normalise with their
+            running statistics, as in ``eval()``, even in ``train()`` mode, and never update them
+            (``num_batches_tracked`` included); each sample is then normalised on its own, which is
+            private, and the affine ``weight``/``bias`` stay trainable with exact per-sample gradients.
+            Modules and state-dict keys are unchanged (a pretrained checkpoint loads as is), and the
+            ordinary behaviour returns at teardown. ``"refuse"``: raise ``IncompatibleModelError``
+            naming the BatchNorm layers. Layers without running statistics are refused either way.
 
     Raises:
         ValueError: for a bad argument; the message names it and the value found.
@@ -108,10 +127,12 @@ class DPStrategy(DDPStrategy):
         physical_batch_size: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         seed: int | None = None,
+        secure_mode: bool = False,
         epsilon_tolerance: float = 0.01,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
+        batchnorm: BatchNormMode = "freeze",
     ) -> None:
         kwargs: dict[str, Any] = {
             "start_method": start_method,
@@ -146,8 +167,17 @@ class DPStrategy(DDPStrategy):
             raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
+        if not isinstance(secure_mode, bool):
+            raise ValueError(f"`secure_mode` must be True or False, got {secure_mode!r}.")
+        if secure_mode and seed is not None:
+            raise ValueError(
+                f"`secure_mode=True` draws its randomness from the operating system and cannot use `seed={seed!r}`: "
+                "a known seed would let anyone recompute the noise. Pass seed=None."
+            )
 
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.target_delta = validate_delta(target_delta)
@@ -158,12 +188,14 @@ class DPStrategy(DDPStrategy):
         self.epsilon_tolerance = float(epsilon_tolerance)
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self._seed = seed
+        self.secure_mode = secure_mode
         self.accountant: IAccountant = create_accountant(accountant)
         self.sample_rate: float | None = None
         self.num_samples: int | None = None
         self.steps_per_epoch: int | None = None
         self.engine = PerSampleGradients()
-        self._generator: torch.Generator | None = None
+        self.batchnorm: BatchNormMode = batchnorm
+        self._frozen_batchnorm: FrozenBatchNorm | None = None  # undone at teardown
         self._pending_state: dict[str, Any] | None = None
         self._attached_params: tuple[int, ...] | None = None
         self._summed: dict[nn.Parameter, torch.Tensor] = {}
@@ -270,6 +302,8 @@ class DPStrategy(DDPStrategy):
                     f"`configure_optimizers` returned {len(self.optimizers)}."
                 )
             self._setup_randomness()
+            self._keep_users_training_sampler(trainer)
+            self._broadcast_model()
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
@@ -285,7 +319,7 @@ class DPStrategy(DDPStrategy):
                 "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
             )
         self._check_precision(str(trainer.precision), self.precision_plugin)
-        validate_model(module)
+        self._frozen_batchnorm = prepare_model(module, batchnorm=self.batchnorm)
         self._low_precision = "bf16" in str(trainer.precision)
 
     @staticmethod
@@ -306,20 +340,22 @@ class DPStrategy(DDPStrategy):
             )
 
     def _setup_randomness(self) -> None:
+        """Fix the seed of the sampler (and, in reproducible mode, of the noise) once per strategy.
+
+        The seed is kept across ``fit`` calls: the noise of step ``t`` is keyed by ``(seed, t)`` with ``t``
+        counted over the whole accounted history, so a second fit continues the stream instead of
+        replaying it. In secure mode the seed comes from OS entropy on rank 0 and is never saved.
+        """
         state = self._pending_state
-        if state is not None:
+        if state is not None and state.get("seed") is not None and not self.secure_mode:
             seed = state["seed"]
         elif self._seed is not None:
             seed = self._seed
+        elif self.secure_mode:
+            seed = secrets.randbits(62)
         else:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._seed = int(self.broadcast(seed))
-        self._generator = torch.Generator(device=self.root_device)
-        self._generator.manual_seed(self._seed + 1)
-        if state is not None and state.get("generator") is not None:
-            self._generator.set_state(
-                state["generator"].to("cpu") if self.root_device.type == "cpu" else state["generator"]
-            )
 
     # ------------------------------------------------------------------------------ data
     @override
@@ -328,6 +364,39 @@ class DPStrategy(DDPStrategy):
         if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
         return self._poisson_loader(dataloader)
+
+    def _broadcast_model(self) -> None:
+        """Give every rank rank 0's parameters and buffers before the first step.
+
+        Without a ``DistributedDataParallel`` wrapper nothing else synchronises the initial weights:
+        ranks seeded differently (or not at all) would each train, and SPARTA would score, a different
+        model while their all-reduced sums are applied as if they were one.
+        """
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        with torch.no_grad():
+            for tensor in [*self.lightning_module.parameters(), *self.lightning_module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def _keep_users_training_sampler(self, trainer: pl.Trainer) -> None:
+        """Stop Lightning from re-instantiating the training loader with a ``DistributedSampler``.
+
+        DPStrategy is a DDP strategy, so Lightning would replace the training loader's sampler (and
+        rebuild a user's ``batch_sampler`` with batch size 1) before :meth:`process_dataloader` sees
+        it; the strategy then could not read the batch size the user asked for. Evaluation loaders
+        keep Lightning's distributed samplers.
+        """
+        connector = trainer._data_connector
+        if "_requires_distributed_sampler" in vars(connector):
+            return
+        default = connector._requires_distributed_sampler
+
+        def requires_distributed_sampler(dataloader: DataLoader) -> bool:
+            if trainer.state.fn == TrainerFn.FITTING and trainer.state.stage == RunningStage.TRAINING:
+                return False  # the strategy owns the training sampling
+            return default(dataloader)
+
+        connector._requires_distributed_sampler = requires_distributed_sampler
 
     def _poisson_loader(self, dataloader: object) -> DPDataLoader:
         if not isinstance(dataloader, DataLoader):
@@ -344,12 +413,7 @@ class DPStrategy(DDPStrategy):
         num_samples = len(dataset)  # type: ignore[arg-type]
         if num_samples == 0:
             raise ValueError("The training dataset is empty: DP-SGD needs training data.")
-        batch_size = dataloader.batch_size or getattr(dataloader.batch_sampler, "batch_size", None)
-        if not batch_size:
-            raise ValueError(
-                "The training DataLoader has no `batch_size`: DPStrategy derives the sampling rate "
-                "q = batch_size / len(dataset) from it."
-            )
+        batch_size = _expected_batch_size(dataloader)
         if batch_size > num_samples:
             raise ValueError(
                 f"The training DataLoader's batch_size={batch_size} exceeds the dataset size {num_samples}."
@@ -371,6 +435,7 @@ class DPStrategy(DDPStrategy):
             rank=self.global_rank,
         )
         self.steps_per_epoch = len(sampler)
+
         return DPDataLoader(
             dataset,
             batch_sampler=sampler,
@@ -385,6 +450,7 @@ class DPStrategy(DDPStrategy):
             epoch_fn=lambda: self.lightning_module.trainer.fit_loop.epoch_progress.current.processed,
             # Lightning ends an epoch after `num_training_batches` (`limit_train_batches` included).
             epoch_length_fn=lambda: self.lightning_module.trainer.num_training_batches,
+            save_seed=not self.secure_mode,
         )
 
     # ------------------------------------------------------------------------------ fit start
@@ -394,6 +460,15 @@ class DPStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if self.sample_rate is None:
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
+        loaders = trainer.train_dataloader
+        if not isinstance(loaders, DataLoader):
+            count = len(loaders) if isinstance(loaders, (list, tuple, dict)) else "several"
+            raise ValueError(
+                f"DPStrategy needs exactly one training DataLoader, `train_dataloader` returned {count} "
+                f"({type(loaders).__name__}): each would be sampled at its own rate and Lightning cycles the "
+                "shorter ones, so the accounted ε would be wrong. Concatenate the datasets into one "
+                "(torch.utils.data.ConcatDataset) and return a single DataLoader."
+            )
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
@@ -557,6 +632,7 @@ class DPStrategy(DDPStrategy):
             # The first layer's input needs no gradient; its hook then fires on the output alone.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             closure_result = closure()
+        self._refuse_unclipped_gradients(optimizer)
         self._clip_and_accumulate()
         if self._scores is not None:
             self._score_step()
@@ -567,11 +643,65 @@ class DPStrategy(DDPStrategy):
         self.accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self.sample_rate)
         return closure_result
 
+    def _refuse_unclipped_gradients(self, optimizer: Optimizer) -> None:
+        """Refuse the step when a parameter the optimizer holds got a gradient the engine did not clip.
+
+        Only parameters hooked at the start of ``training_step`` receive clipped, noised gradients.
+        Any other parameter with a ``.grad`` (one the module does not register, or one unfrozen inside
+        ``training_step``) would be stepped with its exact batch gradient: no clipping, no noise.
+        Refusing, rather than dropping the gradient, keeps the user's intent visible: such a
+        parameter must be registered in a module and made trainable before the step starts.
+        """
+        hooked = {id(p) for p in self.engine.parameters}
+        names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        raw = [
+            names.get(id(p), f"param_groups[{g}]['params'][{i}] (shape {list(p.shape)}, not registered in the module)")
+            for g, group in enumerate(optimizer.param_groups)
+            for i, p in enumerate(group["params"])
+            if p.grad is not None and id(p) not in hooked
+        ]
+        if raw:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # never leave a raw gradient behind for a later step
+            raise RuntimeError(
+                f"DPStrategy: {_listed(raw)} received a gradient that was not clipped or noised, so the "
+                "optimizer would apply the exact batch gradient. Parameters are made private only if they are "
+                "registered in the LightningModule (as attributes of modules, not in plain lists or dicts) "
+                "and trainable when `training_step` starts: change `requires_grad` in a callback hook such "
+                "as `on_train_batch_start`, not inside `training_step`."
+            )
+
+    def _check_batch_dimension(self, params: list[nn.Parameter]) -> None:
+        """Refuse per-sample gradients whose leading dimension is not the micro-batch size.
+
+        A model that folds other dimensions into the batch (``[B, T, D] -> [B·T, D]`` before a Linear)
+        would be clipped per token, not per sample: one sample could then contribute ``T·C``.
+        """
+        for p in params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if grad_sample is not None and grad_sample.shape[0] != self._micro_batch_size:
+                name = self.engine.parameter_names.get(p, "?")
+                module = name.rpartition(".")[0] or "<root>"
+                self.engine.clear()
+                raise ValueError(
+                    f"DPStrategy: module `{module}` produced per-sample gradients for {grad_sample.shape[0]} "
+                    f"samples (parameter `{name}`), but the micro-batch has {self._micro_batch_size}: the model "
+                    "reshapes the batch dimension (e.g. [B, T, D] -> [B·T, D]) before this layer, which would "
+                    "clip each token instead of each sample. Keep the batch as the leading dimension of "
+                    "every layer's input (Linear accepts [B, T, D])."
+                )
+
     def _clip_and_accumulate(self) -> None:
-        """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums."""
+        """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums.
+
+        Norms, clip factors and sums are computed in float32 whatever the parameters' dtype, so a
+        clipped contribution stays within ``C`` up to float32 rounding under ``bf16-true`` too.
+        """
         if self._micro_batch_size == 0:
             return
         params = self.engine.parameters
+        self._check_batch_dimension(params)
         if self._verify_next:
             self._verify_per_sample_gradients(params)
         norms = self.engine.per_sample_norms(params)
@@ -585,9 +715,9 @@ class DPStrategy(DDPStrategy):
                 # in place when the engine owns the storage (it is cleared below): no second copy of g_i
                 grad_sample = grad_sample.abs_() if grad_sample.is_contiguous() else grad_sample.abs()
             if id(p) in scored and not self._score_private:
-                clipped = grad_sample.sum(0)  # true gradients: no clipping (and no noise in _score_step)
+                clipped = grad_sample.float().sum(0)  # true gradients: no clipping (and no noise in _score_step)
             else:
-                clipped = torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample)
+                clipped = torch.einsum("i,i...->...", factors, grad_sample.float())
             self._summed[p] = self._summed[p] + clipped if p in self._summed else clipped
         self.engine.clear()
         for p in params:
@@ -626,7 +756,10 @@ class DPStrategy(DDPStrategy):
         if self.global_rank != 0 or not self._noise_multiplier:
             return torch.zeros(numel, device=device)
         std = self._noise_multiplier * self.max_grad_norm
-        return torch.randn(numel, generator=self._generator, device=device) * std
+        if self.secure_mode:
+            return secure_normal(numel, device=device) * std
+        # keyed by the accounted step: a second fit or a resume continues the stream, never replays it
+        return step_noise(numel, self._seed or 0, self.steps, device=device) * std
 
     def _reduced(self, tensors: list[torch.Tensor], noise: bool = True) -> torch.Tensor:
         """Flatten, add the noise once (unless ``noise=False``), and sum across ranks."""
@@ -720,15 +853,19 @@ class DPStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume the privacy accounting and the randomness exactly."""
+        """Everything needed to resume the privacy accounting (and, unless in secure mode, the randomness).
+
+        In secure mode the seed is left out: nothing in a checkpoint allows recomputing the noise or
+        the batches.
+        """
         return {
             "noise_multiplier": self._noise_multiplier,
             "history": list(self.accountant.history),
             "accountant": self.accountant_name,
             "sample_rate": self.sample_rate,
             "max_grad_norm": self.max_grad_norm,
-            "seed": self._seed,
-            "generator": self._generator.get_state() if self._generator is not None else None,
+            "seed": None if self.secure_mode else self._seed,
+            "secure_mode": self.secure_mode,
             "non_private_reason": self._non_private_reason,
         }
 
@@ -753,8 +890,52 @@ class DPStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self.engine.detach()
+        if self._frozen_batchnorm is not None:  # BatchNorm behaves as the user's code expects again
+            self._frozen_batchnorm.remove()
+            self._frozen_batchnorm = None
         self._attached_params = None
         super().teardown()
+
+
+_DEFAULT_SAMPLERS = (RandomSampler, SequentialSampler)
+
+
+def _expected_batch_size(dataloader: DataLoader) -> int:
+    """The expected Poisson batch size the user asked for, warning about any sampler that is replaced.
+
+    ``batch_size`` when the loader has one; otherwise the ``batch_size`` of the user's ``batch_sampler``.
+    ``shuffle`` and ``drop_last`` have no meaning under Poisson sampling and are ignored.
+    """
+    user_batch_sampler = dataloader.batch_size is None and dataloader.batch_sampler is not None
+    batch_size = getattr(dataloader.batch_sampler, "batch_size", None) if user_batch_sampler else dataloader.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        where = f"its batch_sampler {type(dataloader.batch_sampler).__name__}" if user_batch_sampler else "it"
+        raise ValueError(
+            f"The training DataLoader has no usable `batch_size` (found {batch_size!r} on {where}): DPStrategy "
+            "derives the sampling rate q = batch_size / len(dataset) from it. Give the DataLoader a `batch_size`."
+        )
+    sampler = getattr(dataloader.batch_sampler, "sampler", None) if user_batch_sampler else dataloader.sampler
+    replaced = []
+    if user_batch_sampler:
+        kind = type(dataloader.batch_sampler).__name__
+        replaced.append(f"batch_sampler {kind} (its batch_size={batch_size} is kept)")
+    if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
+        replaced.append(f"sampler {type(sampler).__name__}")
+    if replaced:
+        warnings.warn(
+            f"DPStrategy: the training DataLoader's {' and '.join(replaced)} is replaced by uniform Poisson "
+            f"sampling with expected batch size {batch_size}: the privacy analysis needs every example to enter "
+            "each batch independently with the same probability. Weighting, class balancing or any other "
+            "sampling order is not applied.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return batch_size
+
+
+def _listed(names: list[str], first: int = 5) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:first])
+    return shown + (f" and {len(names) - first} more" if len(names) > first else "")
 
 
 def _replace_loss(output: Any, loss: torch.Tensor) -> Any:

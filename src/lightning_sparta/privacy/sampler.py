@@ -171,6 +171,9 @@ class DPDataLoader(DataLoader):
 
     Lightning calls ``set_epoch`` on a loader's ``sampler`` but not on its ``batch_sampler``, so the
     loader asks ``epoch_fn`` for the current epoch each time an epoch's iteration starts.
+
+    With ``save_seed=False`` (secure mode) the state holds the position only: the sampler's seed is
+    secret and a resumed run keeps the seed it drew itself.
     """
 
     batch_sampler: PoissonBatchSampler
@@ -181,9 +184,11 @@ class DPDataLoader(DataLoader):
         position_fn: Callable[[], int] | None = None,
         epoch_fn: Callable[[], int] | None = None,
         epoch_length_fn: Callable[[], int | float] | None = None,
+        save_seed: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._save_seed = save_seed
         self._position_fn = position_fn
         self._epoch_fn = epoch_fn
         self._epoch_length_fn = epoch_length_fn
@@ -193,16 +198,17 @@ class DPDataLoader(DataLoader):
             self.batch_sampler.set_epoch(self._epoch_fn())
         return super().__iter__()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | None]:
         epoch = self.batch_sampler.epoch
         position = self._position_fn() if self._position_fn is not None else 0
         length = self._epoch_length_fn() if self._epoch_length_fn is not None else len(self.batch_sampler)
         if position >= min(length, len(self.batch_sampler)):  # the epoch is done: resume at the next one
             epoch, position = epoch + 1, 0
-        return {"epoch": epoch, "step": position, "seed": self.batch_sampler.seed}
+        return {"epoch": epoch, "step": position, "seed": self.batch_sampler.seed if self._save_seed else None}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.batch_sampler.seed = state_dict["seed"]
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        if state_dict.get("seed") is not None and self._save_seed:
+            self.batch_sampler.seed = int(state_dict["seed"])
         self.batch_sampler.resume_at(state_dict["epoch"], state_dict["step"])
 
 

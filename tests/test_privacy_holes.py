@@ -1,0 +1,274 @@
+"""Regression tests for the privacy holes at the edges of DPStrategy (issue 8).
+
+Each test reproduces one way a guarantee silently disappeared: noise or batches replayed by a second
+``fit``, raw gradients reaching the optimizer, per-token clipping, several training loaders, DDP
+ranks that start from different weights, noise recomputable from a checkpoint, clipping in bf16,
+and samplers replaced without a word.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+from lightning_sparta import DPStrategy
+from test_strategy import TinyModule, _data, _trainer
+
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------- 1
+def test_second_fit_continues_the_noise_stream_and_the_batches():
+    """Raising max_epochs and fitting again (the usual way to continue) must replay neither the first
+    fit's noise nor its batches.
+
+    A replayed noise vector lets anyone who sees both updates subtract it; replayed batches break the
+    independence of Poisson sampling that the accountant assumes.
+    """
+    L.seed_everything(0)
+    module = TinyModule(zero_loss=True, batch_size=12, width=200)
+    strategy = DPStrategy(noise_multiplier=1.0, seed=5)
+    trainer = _trainer(strategy, max_epochs=1)
+    updates, seen = [], []
+    for epochs in (1, 2):
+        trainer.fit_loop.max_epochs = epochs
+        module.seen.clear()
+        before = _flat(module)
+        trainer.fit(module)
+        updates.append(_flat(module) - before)
+        seen.append(torch.cat(module.seen))
+    assert strategy.steps == 4
+    first, second = updates
+    correlation = torch.dot(first, second) / (first.norm() * second.norm())
+    assert abs(correlation.item()) < 0.2, correlation  # ~1800 coordinates: independent noise gives |ρ| ≈ 0.02
+    assert not (seen[0].shape == seen[1].shape and torch.equal(seen[0], seen[1]))
+
+
+# ---------------------------------------------------------------------------------------------- 2
+class _Unregistered(TinyModule):
+    """A scale parameter the optimizer holds but the module does not register (kept in a plain list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.extras = [nn.Parameter(torch.ones(3))]
+
+    def forward(self, x):
+        return self.net(x) * self.extras[0]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([*self.parameters(), *self.extras], lr=1.0)
+
+
+class _UnfrozenInStep(TinyModule):
+    """Unfreezes a parameter inside training_step, after the strategy attached its hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].weight.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        self.net[0].weight.requires_grad_(True)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "match"),
+    [(_Unregistered, r"param_groups\[0\].*shape \[3\]"), (_UnfrozenInStep, r"net\.0\.weight")],
+    ids=["not-registered", "unfrozen-in-training-step"],
+)
+def test_no_raw_gradient_reaches_the_optimizer(module_cls, match):
+    L.seed_everything(0)
+    module = module_cls()
+    before = {id(p): p.detach().clone() for g in module.configure_optimizers().param_groups for p in g["params"]}
+    with pytest.raises(RuntimeError, match=match):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=1).fit(module)
+    # refused before the optimizer stepped: nothing moved
+    for group in module.trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            assert torch.equal(p.detach(), before[id(p)])
+
+
+# ---------------------------------------------------------------------------------------------- 3
+class _Flattening(L.LightningModule):
+    """Reshapes [B, T, D] to [B·T, D] before its Linear: per-sample gradients would be per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(16, 8, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        b, t, d = x.shape
+        logits = self.proj(x.reshape(b * t, d)).reshape(b, t, -1).mean(1)
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+
+def test_per_token_gradients_are_refused():
+    module = _Flattening()
+    before = _flat(module)
+    with pytest.raises(ValueError, match=r"proj.*128.*16"):
+        _trainer(DPStrategy(noise_multiplier=0.5), max_steps=1).fit(module)
+    assert torch.equal(_flat(module), before)
+
+
+# ---------------------------------------------------------------------------------------------- 5
+class _TwoLoaders(TinyModule):
+    def train_dataloader(self):
+        return [DataLoader(self.dataset, batch_size=6), DataLoader(_data(n=12), batch_size=6)]
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch[0], batch_idx)
+
+
+def test_several_training_loaders_are_refused():
+    with pytest.raises(ValueError, match="one training DataLoader"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=1).fit(_TwoLoaders())
+
+
+# ---------------------------------------------------------------------------------------------- 8
+def _noise_only_update(strategy: DPStrategy, **trainer_kwargs) -> torch.Tensor:
+    module = TinyModule(zero_loss=True, batch_size=12, width=200)
+    before = _flat(module)
+    _trainer(strategy, max_steps=1, **trainer_kwargs).fit(module)
+    return _flat(module) - before
+
+
+def test_secure_mode_noise_cannot_be_regenerated_from_the_seed():
+    """Same seeds, same data: reproducible mode repeats its noise (documented); secure mode never does."""
+    updates = {}
+    for secure in (False, True):
+        runs = []
+        for _ in range(2):
+            L.seed_everything(3)
+            seed = None if secure else 9  # secure mode refuses a seed
+            runs.append(_noise_only_update(DPStrategy(noise_multiplier=1.0, seed=seed, secure_mode=secure)))
+        updates[secure] = runs
+    torch.testing.assert_close(updates[False][0], updates[False][1])
+    a, b = updates[True]
+    assert abs((torch.dot(a, b) / (a.norm() * b.norm())).item()) < 0.2
+
+
+def test_secure_mode_noise_has_the_stated_distribution():
+    """OS-entropy Gaussian noise: mean 0, std σ·C, Gaussian tails (Kolmogorov-Smirnov against N(0, 1))."""
+    strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=0.5, secure_mode=True)
+    noise = strategy._noise(200_000, torch.device("cpu")).double()
+    std = 2.0 * 0.5
+    assert abs(noise.mean().item()) < 5 * std / math.sqrt(noise.numel())
+    assert abs(noise.std().item() / std - 1) < 0.01  # relative standard error ≈ 0.16%
+    z = torch.sort(noise / std).values
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    empirical = torch.arange(1, z.numel() + 1, dtype=torch.float64) / z.numel()
+    ks = (cdf - empirical).abs().max().item()
+    assert ks < 1.63 / math.sqrt(z.numel())  # the 1% critical value of the KS statistic
+
+
+def _seeds(tree, path="") -> list[str]:
+    """Paths of every non-None value stored under a key containing 'seed' in a nested checkpoint."""
+    found = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            where = f"{path}/{key}"
+            if "seed" in str(key).lower() and value is not None:
+                found.append(where)
+            found += _seeds(value, where)
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            found += _seeds(value, f"{path}/{i}")
+    return found
+
+
+def test_secure_mode_checkpoint_holds_nothing_to_recompute_the_noise(tmp_path):
+    L.seed_everything(0)
+    module = TinyModule(batch_size=6)
+    strategy = DPStrategy(target_epsilon=3.0, target_delta=1e-3, secure_mode=True)
+    trainer = _trainer(
+        strategy,
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)],
+    )
+    trainer.fit(module)
+    ckpt = sorted(tmp_path.glob("*step=4.ckpt"))[0]
+    saved = torch.load(ckpt, weights_only=False)
+    state = saved["lightning_sparta.dp_strategy"]
+    assert state.get("generator") is None
+    assert _seeds(saved) == [], _seeds(saved)  # neither the strategy nor the loader state holds a seed
+    # resume keeps the accounting and the position: the resumed run ends after the same number of steps
+    resumed = DPStrategy(target_epsilon=3.0, target_delta=1e-3, secure_mode=True)
+    _trainer(resumed, max_epochs=2).fit(TinyModule(batch_size=6), ckpt_path=ckpt)
+    assert resumed.steps == strategy.steps == 8
+    assert resumed.noise_multiplier == strategy.noise_multiplier
+    assert resumed.epsilon() == pytest.approx(strategy.epsilon(), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- 9
+def test_bf16_true_clips_in_float32():
+    """One sample with a huge gradient: its clipped contribution is at most C·(1 + 1e-3) under bf16-true."""
+    L.seed_everything(0)
+    data = TensorDataset(torch.randn(1, 6) * 300, torch.tensor([1]))
+    module = TinyModule(dataset=data, batch_size=1, width=64)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0)
+    norms, dtypes = [], []
+    reduced = strategy._reduced
+
+    def spy(tensors, noise=True):
+        dtypes.extend(t.dtype for t in tensors)
+        norms.append(torch.cat([t.double().flatten() for t in tensors]).norm().item())
+        return reduced(tensors, noise)
+
+    strategy._reduced = spy
+    _trainer(strategy, max_steps=3, precision="bf16-true").fit(module)
+    assert norms
+    assert all(d == torch.float32 for d in dtypes), dtypes
+    assert max(norms) <= 1.0 * (1 + 1e-3), norms
+    assert min(norms) > 0.99  # the gradient was large: clipped to C, not to zero
+
+
+# --------------------------------------------------------------------------------------------- 10
+class _UserBatchSampler(TinyModule):
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_sampler=BatchSampler(RandomSampler(self.dataset), 30, drop_last=False))
+
+
+class _UserSampler(TinyModule):
+    def train_dataloader(self):
+        weights = torch.linspace(0.1, 1.0, len(self.dataset))
+        return DataLoader(self.dataset, batch_size=30, sampler=WeightedRandomSampler(weights, len(self.dataset)))
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "name"), [(_UserBatchSampler, "BatchSampler"), (_UserSampler, "WeightedRandomSampler")]
+)
+def test_user_samplers_set_the_rate_and_are_named_when_replaced(module_cls, name):
+    module = module_cls(dataset=_data(n=300))
+    strategy = DPStrategy(noise_multiplier=1.0)
+    with pytest.warns(UserWarning, match=rf"{name}.*replaced"):
+        _trainer(strategy, max_steps=1).fit(module)
+    assert strategy.sample_rate == pytest.approx(30 / 300)
+
+
+def test_default_loader_is_replaced_quietly():
+    strategy = DPStrategy(noise_multiplier=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(strategy, max_steps=1).fit(TinyModule(batch_size=6))
+    assert not [w for w in caught if "replaced" in str(w.message)]
