@@ -22,6 +22,18 @@ class PrivacyBudgetCallback(Callback):
     step that would take ε above the budget: it checks the ε the next step would give, not the ε of
     the last one. At the end of fitting rank 0 prints a short privacy summary.
 
+    The budget wins over ``Trainer(min_epochs=..., min_steps=...)``: Lightning ignores a stop request
+    until those minimums are met, so
+
+    * when fitting starts (once σ is known) a minimum that needs more private steps than
+      ``stop_at_epsilon`` allows is refused with a ``ValueError``, before any step of this fit;
+    * should a minimum still be unmet when the budget is reached (e.g. it was raised during the run),
+      the callback lowers the Trainer's minimums for the rest of the fit, with a warning, so that the run
+      stops anyway. They are given back when fitting ends.
+
+    Hence, with ``stop_at_epsilon``, ε at the end of fitting never exceeds the budget (for a run
+    whose σ and sampling rate do not change while it trains).
+
     Args:
         delta: δ at which ε is reported; the strategy's ``target_delta`` by default.
         stop_at_epsilon: stop before exceeding this ε; ``None`` never stops.
@@ -29,7 +41,8 @@ class PrivacyBudgetCallback(Callback):
             default. ε is also logged at every epoch end.
 
     Raises:
-        ValueError: for a bad argument.
+        ValueError: for a bad argument; when fitting starts, if ``min_epochs``/``min_steps`` of the
+            Trainer need more private steps than ``stop_at_epsilon`` allows.
         TypeError: at ``setup`` if the Trainer does not use :class:`DPStrategy`.
 
     Example:
@@ -58,6 +71,8 @@ class PrivacyBudgetCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.stopped_early = False
         self._allowed_steps: int | None = None
+        self._minimums_checked = False
+        self._saved_minimums: tuple[int | None, int | None] | None = None  # (min_epochs, min_steps) lowered
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -87,29 +102,105 @@ class PrivacyBudgetCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._allowed_steps = None  # σ is resolved after the callbacks' on_train_start
+        self._minimums_checked = False
         self.stopped_early = False
 
     def _stop_if_next_step_exceeds(self, trainer: pl.Trainer) -> None:
         """Ask the Trainer to stop before the next step when that step would exceed the budget.
 
         Lightning checks ``should_stop`` before fetching each batch, so setting it after a step (or
-        at an epoch's start) prevents the next step from running at all.
+        at an epoch's start) prevents the next step from running at all, once the Trainer's minimums
+        no longer hold it back (:meth:`_lift_unmet_minimums`). The check runs even when ``should_stop``
+        is already set (e.g. by ``EarlyStopping``): Lightning may still be running to meet a minimum.
         """
-        if self.stop_at_epsilon is None or trainer.should_stop:
+        if self.stop_at_epsilon is None:
             return
         strategy: DPStrategy = trainer.strategy
         if strategy.steps + 1 <= self._budget_steps(strategy):
             return
-        self.stopped_early = True
+        if not self.stopped_early:
+            self.stopped_early = True
+            rank_zero_warn(
+                f"PrivacyBudgetCallback: stopping before step {strategy.steps + 1}: it would bring ε to "
+                f"{strategy.epsilon_after(1, self.delta):.3f} > stop_at_epsilon={self.stop_at_epsilon} "
+                f"(ε so far: {strategy.epsilon(self.delta):.3f})."
+            )
         trainer.should_stop = True
+        self._lift_unmet_minimums(trainer)
+
+    def _lift_unmet_minimums(self, trainer: pl.Trainer) -> None:
+        """Make Lightning honour ``should_stop`` although ``min_epochs``/``min_steps`` are not met.
+
+        Lightning's loops (``FitLoop.done``, ``_TrainingEpochLoop.done``) only stop on ``should_stop``
+        when ``FitLoop._can_stop_early`` holds, i.e. ``epoch_progress.current.processed >= min_epochs``
+        and ``global_step >= min_steps``; both limits are read from the loops at every check, so
+        clearing them here lets the very next check stop the run. The values are restored in
+        :meth:`teardown`.
+        """
+        fit_loop = trainer.fit_loop
+        min_epochs, min_steps = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
+        unmet = []
+        if min_epochs and fit_loop.epoch_progress.current.processed < min_epochs:
+            unmet.append(f"`min_epochs={min_epochs}`")
+        if min_steps and fit_loop.epoch_loop.global_step < min_steps:
+            unmet.append(f"`min_steps={min_steps}`")
+        if not unmet:
+            return
+        if self._saved_minimums is None:
+            self._saved_minimums = (min_epochs, min_steps)
+        fit_loop.min_epochs = None
+        fit_loop.epoch_loop.min_steps = None
         rank_zero_warn(
-            f"PrivacyBudgetCallback: stopping before step {strategy.steps + 1}: it would bring ε to "
-            f"{strategy.epsilon_after(1, self.delta):.3f} > stop_at_epsilon={self.stop_at_epsilon} "
-            f"(ε so far: {strategy.epsilon(self.delta):.3f})."
+            f"PrivacyBudgetCallback: the Trainer's {' and '.join(unmet)} not met, but stop_at_epsilon="
+            f"{self.stop_at_epsilon} takes precedence: training stops now."
+        )
+
+    def _check_minimums(self, trainer: pl.Trainer) -> None:
+        """Refuse ``min_epochs``/``min_steps`` that need more private steps than the budget allows.
+
+        Every training batch is one private step (a DP-SGD step or a SPARTA scoring step), and every
+        optimizer step is one, so ``min_epochs`` forces ``min_epochs · num_training_batches`` private
+        steps in all and ``min_steps`` at least ``min_steps``, both capped by ``max_epochs``/``max_steps``
+        (Lightning's maximums win over its minimums). Called once per fit, at the first epoch start,
+        when σ is known and before the fit takes a step.
+        """
+        self._minimums_checked = True
+        fit_loop = trainer.fit_loop
+        min_epochs, min_steps = fit_loop.min_epochs or 0, fit_loop.epoch_loop.min_steps or 0
+        if self.stop_at_epsilon is None or (min_epochs <= 0 and min_steps <= 0):
+            return
+        per_epoch = trainer.num_training_batches
+        cap = math.inf  # Lightning's maximums win over its minimums
+        if trainer.max_steps not in (None, -1):
+            cap = trainer.max_steps
+        if trainer.max_epochs not in (None, -1) and math.isfinite(per_epoch):
+            cap = min(cap, trainer.max_epochs * int(per_epoch))
+        forced: list[tuple[int, str]] = []
+        if min_epochs > 0 and math.isfinite(per_epoch):
+            forced.append((min_epochs * int(per_epoch), f"`min_epochs={min_epochs}` ({int(per_epoch)} steps an epoch)"))
+        if min_steps > 0:
+            forced.append((min_steps, f"`min_steps={min_steps}`"))
+        if not forced:
+            return
+        needed, source = max(forced)
+        if needed > cap:
+            needed, source = int(cap), f"{source}, capped by `max_epochs`/`max_steps`,"
+        strategy: DPStrategy = trainer.strategy
+        allowed = self._budget_steps(strategy)
+        if needed <= allowed:
+            return
+        over = strategy.epsilon_after(allowed + 1 - strategy.steps, self.delta)
+        raise ValueError(
+            f"PrivacyBudgetCallback: `stop_at_epsilon={self.stop_at_epsilon}` allows {allowed} private steps in all "
+            f"(σ = {strategy.noise_multiplier}, q = {strategy.sample_rate:.5g}, {strategy.steps} already taken; "
+            f"ε after {allowed + 1} steps: {over:.3f}), but the Trainer's {source} needs {needed} private steps. The "
+            "budget cannot be kept with these minimums: lower `min_epochs`/`min_steps` or raise `stop_at_epsilon`."
         )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._minimums_checked:
+            self._check_minimums(trainer)
         self._stop_if_next_step_exceeds(trainer)
 
     def _budget_steps(self, strategy: DPStrategy) -> int:
@@ -152,6 +243,12 @@ class PrivacyBudgetCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.summary(trainer.strategy))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._saved_minimums is not None:  # give the Trainer back the minimums lowered to stop in budget
+            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+            self._saved_minimums = None
 
     def summary(self, strategy: DPStrategy) -> str:
         """A short human-readable account of the privacy spent."""

@@ -23,6 +23,11 @@ name           granularity scoring             private what
 ``bitfit``     fixed       ``None``            yes     biases, normalisation layers and the head
 ============== =========== =================== ======= ==============================================
 
+The "private" column is not a setting: :attr:`MaskSelector.private` is derived from ``scoring``
+(only ``"true_abs"`` scoring, which skips clipping and noise, is not private), so a selector cannot
+claim a guarantee its scoring does not give. :class:`~lightning_sparta.SpartaMaskCallback` refuses a
+non-private selector unless ``allow_non_private=True``, and the run's ε is then reported as ``inf``.
+
 Per-layer budgets follow section 4.2 of the paper: every layer keeps ``ceil(fraction · groups)``
 groups (rows or entries), at least one. Ties are broken deterministically, lower index first.
 """
@@ -30,7 +35,7 @@ groups (rows or entries), at least one. Ties are broken deterministically, lower
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Generator, Tensor
@@ -69,7 +74,7 @@ class MaskSelector:
             ``"abs_clipped"`` (``Σ_i |g_i|·min(1, C/‖g_i‖)`` + noise, SPARTA), ``"clipped"``
             (``Σ_i g_i·min(1, C/‖g_i‖)`` + noise, DP-SGD gradients) or ``"true_abs"`` (``Σ_i |g_i|``,
             unclipped and noiseless: not private); ``None`` if no scoring is needed.
-        private: ``False`` if the mask depends on the private data without a DP guarantee.
+        private: read-only, derived from ``scoring`` (see :attr:`private`).
         granularity: ``"row"``, ``"element"`` or ``"fixed"`` (see the module docstring).
 
     Example:
@@ -84,8 +89,53 @@ class MaskSelector:
     name: ClassVar[str] = ""
     needs_scoring: ClassVar[bool] = False
     scoring: ClassVar[Scoring | None] = None
-    private: ClassVar[bool] = True
     granularity: ClassVar[Granularity] = "element"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check a subclass's ``scoring`` and keep ``private`` derived from it.
+
+        Raises:
+            TypeError: for a ``scoring`` outside ``"abs_clipped"``, ``"clipped"``, ``"true_abs"`` and
+                ``None``; for a ``private`` defined other than as a plain bool; or for a ``private``
+                class attribute that contradicts ``scoring`` (e.g. ``private = True`` with
+                ``scoring = "true_abs"``). A ``private`` that agrees with ``scoring`` is accepted and
+                removed, so that the derived property stays the only source of truth.
+        """
+        super().__init_subclass__(**kwargs)
+        if cls.scoring is not None and cls.scoring not in get_args(Scoring):
+            raise TypeError(
+                f"{cls.__name__}.scoring must be one of {list(get_args(Scoring))} or None, got {cls.scoring!r}."
+            )
+        if "private" not in cls.__dict__:
+            return
+        declared = cls.__dict__["private"]
+        derived = _scoring_is_private(cls.needs_scoring, cls.scoring)
+        if not isinstance(declared, bool):
+            raise TypeError(
+                f"{cls.__name__} must not redefine `private`: whether a selector is private follows from its "
+                "`scoring` (only 'true_abs' scoring, unclipped and noiseless, is not private)."
+            )
+        if declared != derived:
+            raise TypeError(
+                f"{cls.__name__} sets `private = {declared}` but has `scoring = {cls.scoring!r}` (needs_scoring="
+                f"{cls.needs_scoring}), whose mask is {'' if derived else 'NOT '}differentially private. Privacy "
+                "follows from the scoring: remove `private`"
+                + ("." if derived else ", or use a clipped and noised scoring ('abs_clipped' or 'clipped').")
+            )
+        delattr(cls, "private")
+
+    @property
+    def private(self) -> bool:
+        """Whether the mask keeps the run differentially private, derived from ``scoring``.
+
+        ``False`` exactly when the selector scores the private data (``needs_scoring``) with
+        ``scoring="true_abs"``: such scores are neither clipped nor noised. :class:`SpartaMaskCallback
+        <lightning_sparta.SpartaMaskCallback>` uses this one value both for the mechanism (it asks
+        :meth:`~lightning_sparta.DPStrategy.begin_scoring` to clip and add noise iff it is True) and for
+        the guarantee (when False it refuses the selector unless ``allow_non_private=True``, and then
+        marks the run not private, so ε is reported as ``inf``): the two cannot disagree. Read-only.
+        """
+        return _scoring_is_private(self.needs_scoring, self.scoring)
 
     def select(
         self,
@@ -133,6 +183,11 @@ class MaskSelector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _scoring_is_private(needs_scoring: bool, scoring: str | None) -> bool:
+    """Only a scoring epoch on true (unclipped, noiseless) gradients breaks differential privacy."""
+    return not (needs_scoring and scoring == "true_abs")
 
 
 def num_kept(fraction: float, total: int) -> int:
@@ -224,8 +279,7 @@ class OracleSelector(MaskSelector):
 
     name = "oracle"
     needs_scoring = True
-    scoring = "true_abs"
-    private = False
+    scoring = "true_abs"  # hence `private` is False
 
     @override
     def select_layer(
