@@ -250,10 +250,16 @@ def _without_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+# DPStrategy's BatchNorm support (frozen statistics) was not committed when this test was written, so it runs
+# on a BN-free copy (GroupNorm). Set to True once `DPStrategy(batchnorm="freeze")` is in: the same test then
+# runs the real model (checked against that work in progress: running statistics unchanged, exports agree).
+REAL_BATCHNORM = False
+
+
 def _efficientnet() -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
-    return _without_batchnorm(model)  # DPStrategy's BatchNorm support had not landed when this was written
+    return model if REAL_BATCHNORM else _without_batchnorm(model)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +306,9 @@ def test_efficientnet_frozen_rows_bit_identical_and_exports_agree(efficientnet_r
         assert torch.equal(final[key][frozen], initial[key][frozen]), name
         changed += int(not torch.equal(final[key][~frozen], initial[key][~frozen]))
     assert changed == len(callback.mask)  # every selected row set moved (DP noise alone moves it)
+    for key, value in initial.items():  # BatchNorm statistics (REAL_BATCHNORM) are frozen
+        if "running_" in key or "num_batches_tracked" in key:
+            assert torch.equal(final[key], value), key
 
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     net.eval()
