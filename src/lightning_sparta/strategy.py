@@ -210,6 +210,7 @@ class DPStrategy(DDPStrategy):
         self._non_private_reason: str | None = None
         self._in_training_step = False
         self._warned_local_reduce = False
+        self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -771,9 +772,41 @@ class DPStrategy(DDPStrategy):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         return flat
 
+    def add_clipped_sum_hook(
+        self, fn: Callable[[list[nn.Parameter], list[torch.Tensor]], None], all_ranks: bool = False
+    ) -> Callable[[], None]:
+        """Call ``fn(params, sums)`` at every DP-SGD step, after clipping and before the noise is added.
+
+        ``sums[k]`` is the clipped sum ``Σ_i clip_C(g_i)`` of ``params[k]`` (float32 or the parameter's
+        dtype) and may be modified in place: whatever ``fn`` adds is noised, all-reduced and divided by
+        ``q·n`` with the rest. Used by :class:`~lightning_sparta.audit.PrivacyAuditCallback` to insert
+        gradient canaries. Not called during SPARTA's scoring steps. Anything added changes the update
+        and, unless it is bounded like a sample's clipped gradient, the privacy analysis.
+
+        Args:
+            fn: the hook.
+            all_ranks: in DDP, ``False`` calls ``fn`` on rank 0 only, so what it adds is added once;
+                ``True`` calls it on every rank with that rank's local sums (which are summed across
+                ranks afterwards), e.g. to observe them.
+
+        Returns:
+            A function that removes the hook.
+        """
+        entry = (fn, bool(all_ranks))
+        self._clipped_sum_hooks.append(entry)
+
+        def remove() -> None:
+            if entry in self._clipped_sum_hooks:
+                self._clipped_sum_hooks.remove(entry)
+
+        return remove
+
     def _noisy_gradient(self) -> None:
         params = self.engine.parameters
         sums = [self._summed.get(p, torch.zeros_like(p)) for p in params]
+        for hook, all_ranks in list(self._clipped_sum_hooks):
+            if all_ranks or self.global_rank == 0:
+                hook(params, sums)
         flat = self._reduced(sums) / self.expected_batch_size
         for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad = chunk.view_as(p).to(p.dtype)
