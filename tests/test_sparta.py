@@ -614,7 +614,12 @@ def test_bad_arguments(kwargs, match):
     [
         (None, {"mask_epoch": 3}, ValueError, "mask_epoch"),
         (None, {"strategy": "auto"}, TypeError, "DPStrategy"),
-        (SparseModule(Net(batch_norm=True)), {}, IncompatibleModelError, "BatchNorm"),
+        (
+            SparseModule(Net(batch_norm=True)),
+            {"strategy": DPStrategy(noise_multiplier=1.0, batchnorm="refuse")},
+            IncompatibleModelError,
+            "BatchNorm",
+        ),
         (
             None,
             {"callback_kwargs": {"layer_filter": lambda m, n: False}},

@@ -238,28 +238,10 @@ def _fit(module: L.LightningModule, tmp_path, **callback_kwargs) -> tuple[Sparta
     return callback, probe
 
 
-def _without_batchnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm(+act) of a timm model by GroupNorm(+ the same activation, not in place)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            act = copy.deepcopy(getattr(module, "act", nn.Identity()))
-            if hasattr(act, "inplace"):
-                act.inplace = False
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, nn.Sequential(nn.GroupNorm(8, module.num_features), act))
-    return model
-
-
-# DPStrategy's BatchNorm support (frozen statistics) was not committed when this test was written, so it runs
-# on a BN-free copy (GroupNorm). Set to True once `DPStrategy(batchnorm="freeze")` is in: the same test then
-# runs the real model (checked against that work in progress: running statistics unchanged, exports agree).
-REAL_BATCHNORM = False
-
-
 def _efficientnet() -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
-    return model if REAL_BATCHNORM else _without_batchnorm(model)
+    return model  # real BatchNorm layers: DPStrategy freezes their statistics
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +288,7 @@ def test_efficientnet_frozen_rows_bit_identical_and_exports_agree(efficientnet_r
         assert torch.equal(final[key][frozen], initial[key][frozen]), name
         changed += int(not torch.equal(final[key][~frozen], initial[key][~frozen]))
     assert changed == len(callback.mask)  # every selected row set moved (DP noise alone moves it)
-    for key, value in initial.items():  # BatchNorm statistics (REAL_BATCHNORM) are frozen
+    for key, value in initial.items():  # BatchNorm statistics are frozen
         if "running_" in key or "num_batches_tracked" in key:
             assert torch.equal(final[key], value), key
 

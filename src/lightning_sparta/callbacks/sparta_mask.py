@@ -35,6 +35,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,  # includes timm's LayerNorm / LayerNorm2d subclasses
     nn.GroupNorm,
     nn.modules.instancenorm._InstanceNorm,
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm*d, SyncBatchNorm, timm's BatchNormAct2d (frozen statistics)
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _SCORED_TYPES = (nn.Linear, nn.Conv2d)
@@ -149,8 +150,9 @@ class SpartaMaskCallback(Callback):
 
     Raises:
         ValueError: for a bad argument (the message names it); at ``setup`` for a ``mask_epoch`` not
-            below ``max_epochs`` or a model with BatchNorm; when fitting starts for a model without
-            scorable layer, without head, or with scored layers the sparse layers cannot replace.
+            below ``max_epochs`` or a BatchNorm model that the strategy refuses; when fitting starts
+            for a model without scorable layer, without head, or with scored layers the sparse layers
+            cannot replace.
         TypeError: at ``setup`` if a selector that scores private data runs without :class:`DPStrategy`.
 
     Example:
@@ -192,11 +194,11 @@ class SpartaMaskCallback(Callback):
             raise ValueError(f"`layer_filter` must be a callable (module, name) -> bool or None, got {layer_filter!r}.")
         if head is not None and not isinstance(head, (nn.Module, str)):
             raise ValueError(f"`head` must be an nn.Module, a qualified module name or None, got {head!r}.")
-        if not selector.private and not allow_non_private:
+        if not selector.private and not allow_non_private:  # `private` is derived from `selector.scoring`
             raise ValueError(
-                f"The {selector.name!r} selector chooses the mask from non-private (unclipped, noiseless) "
-                "gradients, so the run is NOT differentially private. Pass `allow_non_private=True` to run "
-                "it anyway (for ablations only)."
+                f"The {selector.name!r} selector (scoring={selector.scoring!r}) chooses the mask from non-private "
+                "(unclipped, noiseless) gradients, so the run is NOT differentially private. Pass "
+                "`allow_non_private=True` to run it anyway (for ablations only)."
             )
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
@@ -286,7 +288,7 @@ class SpartaMaskCallback(Callback):
                 f"mask_epoch={self.mask_epoch} is the last epoch (max_epochs={max_epochs}): the mask is scored "
                 "but never trained."
             )
-        validate_model(pl_module)
+        validate_model(pl_module, batchnorm=getattr(strategy, "batchnorm", "refuse"))  # DPStrategy freezes BN
         if self._seed is None:  # torch's seed (set by seed_everything) without consuming its random stream
             self._seed = int(strategy.broadcast(torch.initial_seed() % 2**62))
         # A second fit of the same module: start from the dense model, as the optimizer will.
@@ -358,14 +360,16 @@ class SpartaMaskCallback(Callback):
         self._phase = "scoring"
         scored = {name: module.weight for name, module in self._scored.items()}
         self._apply(pl_module, {**self._always, **{f"{n}.weight": p for n, p in scored.items()}})
-        if not self.selector.private:
+        # One value decides both the mechanism (clip + noise) and what is reported (ε finite or inf).
+        private = self.selector.private
+        if not private:
             reason = f"the {self.selector.name!r} mask is selected from non-private (unclipped, noiseless) gradients"
             strategy.mark_not_private(reason)
             rank_zero_warn(f"SpartaMaskCallback: {reason}; this run is NOT differentially private (ε = inf).")
         strategy.begin_scoring(
             scored,
             absolute=self.selector.scoring != "clipped",
-            private=self.selector.scoring != "true_abs",
+            private=private,
             initial=initial,
         )
         self._scoring_active = True
