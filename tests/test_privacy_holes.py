@@ -22,13 +22,17 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from lightning_sparta import DPStrategy
 from test_strategy import TinyModule, _data, _trainer
 
+# the clipping engines of issue 10: every hole must stay closed on each of them
+CLIPPING = pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
+
 
 def _flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
 # ---------------------------------------------------------------------------------------------- 1
-def test_second_fit_continues_the_noise_stream_and_the_batches():
+@CLIPPING
+def test_second_fit_continues_the_noise_stream_and_the_batches(clipping):
     """Raising max_epochs and fitting again (the usual way to continue) must replay neither the first
     fit's noise nor its batches.
 
@@ -37,7 +41,7 @@ def test_second_fit_continues_the_noise_stream_and_the_batches():
     """
     L.seed_everything(0)
     module = TinyModule(zero_loss=True, batch_size=12, width=200)
-    strategy = DPStrategy(noise_multiplier=1.0, seed=5)
+    strategy = DPStrategy(noise_multiplier=1.0, seed=5, clipping=clipping)
     trainer = _trainer(strategy, max_epochs=1)
     updates, seen = [], []
     for epochs in (1, 2):
@@ -86,12 +90,13 @@ class _UnfrozenInStep(TinyModule):
     [(_Unregistered, r"param_groups\[0\].*shape \[3\]"), (_UnfrozenInStep, r"net\.0\.weight")],
     ids=["not-registered", "unfrozen-in-training-step"],
 )
-def test_no_raw_gradient_reaches_the_optimizer(module_cls, match):
+@CLIPPING
+def test_no_raw_gradient_reaches_the_optimizer(module_cls, match, clipping):
     L.seed_everything(0)
     module = module_cls()
     before = {id(p): p.detach().clone() for g in module.configure_optimizers().param_groups for p in g["params"]}
     with pytest.raises(RuntimeError, match=match):
-        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=1).fit(module)
+        _trainer(DPStrategy(noise_multiplier=1.0, clipping=clipping), max_steps=1).fit(module)
     # refused before the optimizer stepped: nothing moved
     for group in module.trainer.optimizers[0].param_groups:
         for p in group["params"]:
@@ -121,11 +126,12 @@ class _Flattening(L.LightningModule):
         return DataLoader(self.data, batch_size=16)
 
 
-def test_per_token_gradients_are_refused():
+@CLIPPING
+def test_per_token_gradients_are_refused(clipping):
     module = _Flattening()
     before = _flat(module)
     with pytest.raises(ValueError, match=r"proj.*128.*16"):
-        _trainer(DPStrategy(noise_multiplier=0.5), max_steps=1).fit(module)
+        _trainer(DPStrategy(noise_multiplier=0.5, clipping=clipping), max_steps=1).fit(module)
     assert torch.equal(_flat(module), before)
 
 
@@ -220,13 +226,14 @@ def test_secure_mode_checkpoint_holds_nothing_to_recompute_the_noise(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 9
-def test_bf16_true_clips_in_float32():
+@CLIPPING
+def test_bf16_true_clips_in_float32(clipping):
     """One sample with a huge gradient: its clipped contribution is at most C·(1 + 1e-3) under bf16-true."""
     L.seed_everything(0)
     data = TensorDataset(torch.randn(1, 6) * 300, torch.tensor([1]))
     module = TinyModule(dataset=data, batch_size=1, width=64)
     with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0)
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0, clipping=clipping)
     norms, dtypes = [], []
     reduced = strategy._reduced
 

@@ -100,9 +100,10 @@ def _clipped_sum_reference(
     return {k: torch.einsum("i,i...->...", factor, g) for k, g in per_sample.items()}
 
 
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("physical_batch_size", [None, 5])
-def test_one_step_equals_clipped_sum_over_expected_batch_size(reduction, physical_batch_size):
+def test_one_step_equals_clipped_sum_over_expected_batch_size(reduction, physical_batch_size, clipping):
     """σ = 0, q = 1: the update is -lr · Σ_i clip(g_i) / (q·n), for any loss reduction and micro-batching."""
     L.seed_everything(0)
     module = TinyModule(reduction=reduction, batch_size=24)  # batch_size == n, so q = 1: every sample, every step
@@ -115,6 +116,7 @@ def test_one_step_equals_clipped_sum_over_expected_batch_size(reduction, physica
             max_grad_norm=0.05,
             loss_reduction="sum" if reduction == "sum" else "mean",
             physical_batch_size=physical_batch_size,
+            clipping=clipping,
         )
     _trainer(strategy, max_steps=1).fit(module)
     assert strategy.sample_rate == 1.0

@@ -48,6 +48,7 @@ from lightning_sparta.privacy.accountant import (
     warn_if_delta_too_large,
 )
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
+from lightning_sparta.privacy.clipping import CLIPPING_MODES, ClippingMode, create_clipping_engine
 from lightning_sparta.privacy.noise import secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.privacy.sampler import (
@@ -105,6 +106,13 @@ class DPStrategy(DDPStrategy):
             Modules and state-dict keys are unchanged (a pretrained checkpoint loads as is), and the
             ordinary behaviour returns at teardown. ``"refuse"``: raise ``IncompatibleModelError``
             naming the BatchNorm layers. Layers without running statistics are refused either way.
+        clipping: how per-sample norms and clipped sums are computed
+            (:mod:`lightning_sparta.privacy.clipping`). ``"per_sample"`` (default): every trainable
+            parameter gets a ``[B, *shape]`` per-sample gradient. ``"ghost"``: Linear, Conv2d, Embedding
+            and the row-sparse layers take ghost norms and one book-keeping product for the clipped sum,
+            never forming per-sample weight gradients; ``"auto"``: the same, but each layer takes the
+            cheaper of a ghost and a materialised norm from its shapes. All three compute the same
+            update; the path of every layer is in ``strategy.engine.summary()``.
 
     Raises:
         ValueError: for a bad argument; the message names it and the value found.
@@ -133,6 +141,7 @@ class DPStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
         batchnorm: BatchNormMode = "freeze",
+        clipping: ClippingMode = "per_sample",
     ) -> None:
         kwargs: dict[str, Any] = {
             "start_method": start_method,
@@ -167,6 +176,8 @@ class DPStrategy(DDPStrategy):
             raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {clipping!r}.")
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -193,7 +204,9 @@ class DPStrategy(DDPStrategy):
         self.sample_rate: float | None = None
         self.num_samples: int | None = None
         self.steps_per_epoch: int | None = None
-        self.engine = PerSampleGradients()
+        self.engine = PerSampleGradients()  # the hooks: inputs and output gradients of the trainable layers
+        self.clipping: str = clipping
+        self.clipping_engine = create_clipping_engine(clipping, self.engine)  # norms and clipped sums
         self.batchnorm: BatchNormMode = batchnorm
         self._frozen_batchnorm: FrozenBatchNorm | None = None  # undone at teardown
         self._pending_state: dict[str, Any] | None = None
@@ -529,7 +542,7 @@ class DPStrategy(DDPStrategy):
         trainable = tuple(id(p) for p in model.parameters() if p.requires_grad)
         if trainable == self._attached_params:
             return
-        self.engine.attach(model)
+        self.clipping_engine.attach(model)
         self._attached_params = trainable
         self._verify_next = True
         functorch = [p.module or "<root>" for p in self.engine.paths() if p.path == "functorch"]
@@ -673,56 +686,30 @@ class DPStrategy(DDPStrategy):
                 "as `on_train_batch_start`, not inside `training_step`."
             )
 
-    def _check_batch_dimension(self, params: list[nn.Parameter]) -> None:
-        """Refuse per-sample gradients whose leading dimension is not the micro-batch size.
-
-        A model that folds other dimensions into the batch (``[B, T, D] -> [B·T, D]`` before a Linear)
-        would be clipped per token, not per sample: one sample could then contribute ``T·C``.
-        """
-        for p in params:
-            grad_sample = getattr(p, "grad_sample", None)
-            if grad_sample is not None and grad_sample.shape[0] != self._micro_batch_size:
-                name = self.engine.parameter_names.get(p, "?")
-                module = name.rpartition(".")[0] or "<root>"
-                self.engine.clear()
-                raise ValueError(
-                    f"DPStrategy: module `{module}` produced per-sample gradients for {grad_sample.shape[0]} "
-                    f"samples (parameter `{name}`), but the micro-batch has {self._micro_batch_size}: the model "
-                    "reshapes the batch dimension (e.g. [B, T, D] -> [B·T, D]) before this layer, which would "
-                    "clip each token instead of each sample. Keep the batch as the leading dimension of "
-                    "every layer's input (Linear accepts [B, T, D])."
-                )
-
     def _clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums.
 
-        Norms, clip factors and sums are computed in float32 whatever the parameters' dtype, so a
-        clipped contribution stays within ``C`` up to float32 rounding under ``bf16-true`` too.
+        The clipping engine refuses per-token clipping (a batch dimension folded into another one),
+        takes the per-sample norms, and adds ``Σ_i c_i g_i`` (while scoring: ``Σ_i c_i |g_i|`` of the
+        scored parameters only) to the sums, in float32 whatever the parameters' dtype, so a clipped
+        contribution stays within ``C`` up to float32 rounding under ``bf16-true`` too.
         """
         if self._micro_batch_size == 0:
             return
-        params = self.engine.parameters
-        self._check_batch_dimension(params)
+        engine = self.clipping_engine
+        engine.check_batch_dimension(self._micro_batch_size)
         if self._verify_next:
-            self._verify_per_sample_gradients(params)
-        norms = self.engine.per_sample_norms(params)
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        scored = {id(p) for p in (self._scores or {}).values()}
-        for p in params:
-            grad_sample = getattr(p, "grad_sample", None)
-            if grad_sample is None:
-                continue
-            if id(p) in scored and self._score_absolute:
-                # in place when the engine owns the storage (it is cleared below): no second copy of g_i
-                grad_sample = grad_sample.abs_() if grad_sample.is_contiguous() else grad_sample.abs()
-            if id(p) in scored and not self._score_private:
-                clipped = grad_sample.float().sum(0)  # true gradients: no clipping (and no noise in _score_step)
-            else:
-                clipped = torch.einsum("i,i...->...", factors, grad_sample.float())
-            self._summed[p] = self._summed[p] + clipped if p in self._summed else clipped
-        self.engine.clear()
-        for p in params:
-            p.grad = None
+            self._verify_per_sample_gradients(engine.parameters)
+        factors = (self.max_grad_norm / (engine.squared_norms().sqrt() + 1e-6)).clamp(max=1.0)
+        scored = list((self._scores or {}).values())
+        engine.accumulate(
+            self._summed,
+            factors,
+            absolute=scored if self._score_absolute else (),
+            unclipped=() if self._score_private else scored,  # true gradients: no clipping (and no noise)
+            only=scored if self._scores is not None else None,  # a scoring step uses the scored sums only
+        )
+        engine.clear()
 
     def _verify_per_sample_gradients(self, params: list[nn.Parameter]) -> None:
         """Check once per (re)attachment that per-sample gradients add up to the batch gradient.
@@ -734,11 +721,11 @@ class DPStrategy(DDPStrategy):
         """
         self._verify_next = False
         scale = self.engine.loss_scale
+        sums = self.clipping_engine.unclipped_sums()
         wrong = []
         for p in params:
-            grad_sample = getattr(p, "grad_sample", None)
             batch_grad = torch.zeros_like(p) if p.grad is None else p.grad * scale
-            summed = torch.zeros_like(p) if grad_sample is None else grad_sample.sum(0)
+            summed = sums.get(p, torch.zeros_like(p))
             # Relative error in norm: float rounding of sums over a batch stays far below it, while a
             # parameter used outside its module's forward is off by O(1).
             tolerance = 5e-2 if self._low_precision else 1e-3

@@ -20,7 +20,7 @@ A module whose sampler expects the gradient at an inner point rather than at its
 ``BatchNormAct2d`` applies drop and activation after the affine map) is declared with
 :func:`register_sampler_output`: the hook is then placed on the input of the named child.
 
-Four paths exist, and :meth:`PerSampleGradients.paths` reports which one every module takes:
+Five paths exist, and :meth:`PerSampleGradients.paths` reports which one every module takes:
 
 ``"grad_sampler"``
     a registered closed-form sampler (Linear, Conv, norms, Embedding, our row-sparse layers...).
@@ -30,6 +30,12 @@ Four paths exist, and :meth:`PerSampleGradients.paths` reports which one every m
     with :func:`register_broadcast_parameters`; during the forward pass each is expanded to the batch
     size, so the gradient of the expanded tensor *is* the per-sample gradient. Without this, Opacus
     treats the whole ViT as one unsupported module and runs it through functorch.
+``"ghost"``
+    a module with a ghost form, attached for a ghost clipping engine
+    (:mod:`lightning_sparta.privacy.clipping`): its hook only keeps the input and the output gradient
+    of every call (:meth:`PerSampleGradients.ghost_records`); no per-sample tensor is formed. The
+    ``clipping`` column of :meth:`PerSampleGradients.summary` then says, after the first step, whether
+    each weight's norm was a ghost norm or a materialised one, and at which shapes.
 ``"functorch"``
     any other module: Opacus' functorch fallback (a vmapped re-run of that module), slow but exact.
     It covers the module's whole subtree, so its descendants get no hooks of their own.
@@ -43,7 +49,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -53,7 +59,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-Path = Literal["grad_sampler", "broadcast", "functorch", "unsupported"]
+Path = Literal["grad_sampler", "ghost", "broadcast", "functorch", "unsupported"]
 
 _BROADCAST_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
 _SAMPLER_OUTPUTS: dict[type[nn.Module], tuple[str, ...]] = {}
@@ -123,6 +129,7 @@ class ModulePath:
     path: Path
     parameters: tuple[str, ...]
     note: str = ""  # e.g. "BN frozen stats": how the module is made compatible with per-sample gradients
+    clipping: str = ""  # how the clipping engine took this module's norms (set once a step has run)
 
 
 def _trainable(module: nn.Module, recurse: bool = False) -> list[tuple[str, nn.Parameter]]:
@@ -158,14 +165,27 @@ class PerSampleGradients:
         self._activations: dict[nn.Module, list[_Call]] = defaultdict(list)
         self._tapping: dict[nn.Module, list[_Call]] = defaultdict(list)  # open forward calls, see _attach_tap
         self._swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        self._ghost: dict[nn.Module, str] = {}  # modules whose calls are recorded, not sampled
+        self._records: dict[nn.Module, list[tuple[list[Any], torch.Tensor]]] = defaultdict(list)
+        self._clipping_notes: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------- set-up
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, ghost: Callable[[nn.Module], bool] | None = None) -> None:
         """Hook every module of ``model`` that owns parameters trainable *now*.
 
         Call :meth:`detach` and :meth:`attach` again after changing which parameters are trainable.
+
+        Args:
+            model: the model.
+            ghost: modules for which ``ghost(module)`` is true only record their inputs and output
+                gradients (path ``"ghost"``) instead of computing ``grad_sample``. A module that shares
+                a trainable parameter with another module keeps its grad sampler.
         """
         self.detach()
+        owners: dict[int, int] = defaultdict(int)
+        for module in model.modules():
+            for _, p in _trainable(module):
+                owners[id(p)] += 1
         covered: set[str] = set()  # prefixes handled by a functorch ancestor
         for name, module in model.named_modules():
             if any(name == c or name.startswith(c + ".") for c in covered):
@@ -175,7 +195,14 @@ class PerSampleGradients:
                 continue
             broadcast = [n for n in _BROADCAST_PARAMETERS.get(type(module), ()) if n in dict(own)]
             rest = [(n, p) for n, p in own if n not in broadcast]
-            if rest and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
+            recorded = (
+                ghost is not None
+                and bool(rest)
+                and not isinstance(module, LightningModule)
+                and all(owners[id(p)] == 1 for _, p in rest)
+                and ghost(module)
+            )
+            if rest and not recorded and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
                 # functorch re-runs the whole module, so it covers the broadcast parameters too (hooking
                 # them as well would count their gradient twice). Opacus deep-copies the module here: do
                 # it before adding hooks, or the copy carries them and the full backward hook fails
@@ -190,7 +217,11 @@ class PerSampleGradients:
                 self._record(name, module, "broadcast", broadcast)
             if not rest:
                 continue
-            if grad_sampler_for(module) is not None:
+            if recorded:
+                self._ghost[module] = name
+                self._attach_sampler(module)
+                self._record(name, module, "ghost", [n for n, _ in rest])
+            elif grad_sampler_for(module) is not None:
                 self._attach_sampler(module)
                 self._record(name, module, "grad_sampler", [n for n, _ in rest])
             else:  # a LightningModule's own parameters
@@ -204,20 +235,37 @@ class PerSampleGradients:
             handle.remove()
         self._handles.clear()
         self._paths.clear()
+        self._ghost.clear()
+        self._clipping_notes.clear()
         self._drop_pending()
         self._tapping.clear()
         self.parameters = []
         self.parameter_names = {}
 
     def paths(self) -> list[ModulePath]:
-        """Which per-sample gradient path each hooked module takes."""
-        return list(self._paths)
+        """Which per-sample gradient path each hooked module takes, and how its norms were clipped."""
+        return [replace(p, clipping=self._clipping(p)) for p in self._paths]
+
+    def _clipping(self, row: ModulePath) -> str:
+        if row.path != "ghost":
+            return "per-sample"
+        prefix = f"{row.module}." if row.module else ""
+        notes = [
+            f"{n}: {self._clipping_notes[prefix + n]}" for n in row.parameters if prefix + n in self._clipping_notes
+        ]
+        return "; ".join(notes) if notes else "ghost/book-keeping (norm path chosen at the first step)"
+
+    def set_clipping_notes(self, notes: dict[str, str]) -> None:
+        """Record, per parameter name, how the clipping engine took its norm (shown by :meth:`summary`)."""
+        self._clipping_notes.update(notes)
 
     def summary(self) -> str:
         """A readable table of :meth:`paths`."""
-        rows = [("module", "type", "path", "parameters", "note")]
-        rows += [(p.module or "<root>", p.type, p.path, ", ".join(p.parameters), p.note) for p in self._paths]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows = [("module", "type", "path", "parameters", "clipping", "note")]
+        rows += [
+            (p.module or "<root>", p.type, p.path, ", ".join(p.parameters), p.clipping, p.note) for p in self.paths()
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
     def _record(self, name: str, module: nn.Module, path: Path, params: list[str]) -> None:
@@ -304,7 +352,10 @@ class PerSampleGradients:
         stack = self._activations.get(module)
         if stack and call in stack:
             stack.remove(call)
-        backprops = grad_output.detach() * self.loss_scale
+        backprops = grad_output.detach() if self.loss_scale == 1 else grad_output.detach() * self.loss_scale
+        if module in self._ghost:  # the clipping engine takes norms and sums from (input, output gradient)
+            self._records[module].append((activations, backprops))
+            return
         sampler = grad_sampler_for(module) or ft_compute_per_sample_gradient
         for param, grad_sample in sampler(module, activations, backprops).items():
             if param.requires_grad:
@@ -318,6 +369,15 @@ class PerSampleGradients:
             for call in calls:
                 call.cancel()
         self._activations.clear()
+        self._records.clear()
+
+    def ghost_records(self) -> list[tuple[nn.Module, str, list[tuple[list[Any], torch.Tensor]]]]:
+        """``(module, name, calls)`` for every ``"ghost"`` module that ran in the current pass.
+
+        Each call is ``(inputs, grad_output)``: the module's detached inputs and the gradient of the
+        loss with respect to its output, already multiplied by :attr:`loss_scale`.
+        """
+        return [(m, self._ghost[m], calls) for m, calls in self._records.items() if calls]
 
     def _attach_broadcast(self, module: nn.Module, names: list[str]) -> None:
         def expand(mod: nn.Module, args: tuple[Any, ...]) -> None:

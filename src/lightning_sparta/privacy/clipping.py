@@ -1,0 +1,622 @@
+"""Clipping engines: per-sample norms and clipped sums, with or without per-sample gradient tensors.
+
+A DP-SGD step needs two things from the hooked layers of a micro-batch: the norm ``‖g_i‖`` of every
+sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_i g_i`` with
+``c_i = min(1, C/‖g_i‖)``. :class:`ClippingEngine` is that interface; two implementations exist.
+
+``"per_sample"`` (:class:`MaterialisingClipping`)
+    every hooked parameter gets ``p.grad_sample`` of shape ``[B, *p.shape]`` from its grad sampler
+    (:class:`~lightning_sparta.privacy.per_sample.PerSampleGradients`); norms and sums are taken from
+    those tensors. Memory grows as ``B × (trainable parameters)``.
+
+``"ghost"`` / ``"auto"`` (:class:`GhostClipping`, ghost norms + book-keeping)
+    layers with a *ghost form* (Linear, Conv2d, timm's Conv2dSame, our row-sparse layers, Embedding)
+    keep only their input ``a`` and output gradient ``b`` from the one backward pass. A layer that
+    multiplies per-sample activations ``a_i`` (``[T, d_in]``; Conv2d: unfolded patches, ``T = H'·W'``)
+    by its weight has the per-sample weight gradient ``g_i = b_iᵀ a_i``, whose squared norm is
+
+    .. math:: \\|g_i\\|^2 = \\langle a_i a_i^\\top,\\ b_i b_i^\\top \\rangle \\qquad (T = 1:\\ \\|a_i\\|^2 \\|b_i\\|^2)
+
+    at ``O(T²(d_in + d_out))`` instead of ``O(T·d_in·d_out)`` (Li et al. 2022, "ghost norm"). Once the
+    clip factors are known from the total norms over all layers, the clipped sum is one weight-gradient
+    product with per-sample scaled inputs, ``Σ_i c_i b_iᵀ a_i = bᵀ (c ⊙ a)`` (Bu et al. 2023,
+    "book-keeping"): no second backward pass and no per-sample tensor. ``"auto"`` picks per layer the
+    cheaper of the ghost norm and a materialised norm (Bu et al. 2022, "mixed ghost clipping"),
+    comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group; a materialised norm is computed in
+    chunks of samples and dropped, the sum still comes from the book-keeping product. ``"ghost"``
+    takes the ghost norm wherever a ghost form exists. Biases (``Σ_t b_i``), normalisation layers,
+    ViT's broadcast ``cls_token``/``pos_embed`` and every layer without a ghost form keep their
+    (cheap) per-sample gradients.
+
+The row-sparse layers' ghost forms restrict ``b`` to the k selected rows (a grouped conv's selected
+filter reads its own group's channels only), so their cost falls with k like their grad samplers'.
+
+SPARTA's scoring needs ``Σ_i c_i |g_i|``, which has no product form: :meth:`ClippingEngine.accumulate`
+materialises the scored parameters' per-sample gradients there, in chunks of samples, with the clip
+factors from the ghost norms.
+
+Norms, clip factors and sums are computed in at least float32 whatever the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sparta.privacy.per_sample import PerSampleGradients
+
+ClippingMode = Literal["auto", "per_sample", "ghost"]
+CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
+
+# Elements of one temporary (unfolded patches, Gram matrices, per-sample gradients) before a
+# computation is split into chunks of samples: 2**24 float32 values = 64 MiB.
+CHUNK_ELEMENTS = 2**24
+
+GhostForm = Callable[[nn.Module, list, torch.Tensor], list["_Term"]]
+_GHOST_FORMS: dict[type[nn.Module], tuple[GhostForm, Callable[[nn.Module], bool]]] = {}
+
+
+def register_ghost_form(
+    module_type: type[nn.Module], supports: Callable[[nn.Module], bool] | None = None
+) -> Callable[[GhostForm], GhostForm]:
+    """Register the ghost form of ``module_type`` (exact type, like Opacus' grad samplers).
+
+    The decorated function ``form(module, inputs, grad_output)`` returns one term per trainable
+    parameter of ``module`` for one forward call (see :class:`GemmTerm`, :class:`DenseTerm`).
+    ``supports(module)`` may decline a particular instance (e.g. a conv with circular padding), which
+    then keeps its materialised per-sample gradients.
+    """
+
+    def decorator(form: GhostForm) -> GhostForm:
+        _GHOST_FORMS[module_type] = (form, supports or (lambda _module: True))
+        return form
+
+    return decorator
+
+
+def has_ghost_form(module: nn.Module) -> bool:
+    """Whether ``module`` (exact type) has a registered ghost form that supports it."""
+    entry = _GHOST_FORMS.get(type(module))
+    return entry is not None and entry[1](module)
+
+
+# ------------------------------------------------------------------------------------------ terms
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (float64 stays float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _chunks(batch: int, per_sample: int) -> Iterable[tuple[int, int]]:
+    size = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    for lo in range(0, batch, size):
+        yield lo, min(batch, lo + size)
+
+
+class _Term:
+    """The contribution of one forward call of a module to one trainable parameter's gradient."""
+
+    param: nn.Parameter
+    batch_size: int
+
+
+class DenseTerm(_Term):
+    """An explicit per-sample gradient ``[B, *param.shape]`` (biases, and anything cheap)."""
+
+    def __init__(self, param: nn.Parameter, per_sample: torch.Tensor) -> None:
+        self.param = param
+        self.per_sample = per_sample
+        self.batch_size = per_sample.shape[0]
+
+    def materialise(self, lo: int, hi: int) -> torch.Tensor:
+        return _wide(self.per_sample[lo:hi])
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        per_sample = _wide(self.per_sample)
+        return torch.einsum("i,i...->...", factors.to(per_sample.dtype), per_sample)
+
+
+class GemmTerm(_Term):
+    """A weight whose per-sample gradient is ``g_i = Σ_g b_{i,g}ᵀ a_{i,g}`` over ``G`` groups.
+
+    Args:
+        param: the weight.
+        patches: ``patches(lo, hi)`` gives ``a`` for samples ``lo:hi`` as ``[b, G, T, P]``.
+        grads: ``grads(lo, hi)`` gives ``b`` for samples ``lo:hi`` as ``[b, G, T, O]``.
+        shape: ``(B, G, T, P, O)``.
+        clipped_sum: ``clipped_sum(c)`` gives ``Σ_i c_i g_i`` in the weight's shape (book-keeping).
+    """
+
+    def __init__(
+        self,
+        param: nn.Parameter,
+        patches: Callable[[int, int], torch.Tensor],
+        grads: Callable[[int, int], torch.Tensor],
+        shape: tuple[int, int, int, int, int],
+        clipped_sum: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.param = param
+        self.patches, self.grads, self.shape = patches, grads, shape
+        self.batch_size = shape[0]
+        self._clipped_sum = clipped_sum
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        return self._clipped_sum(factors)
+
+    def materialise(self, lo: int, hi: int) -> torch.Tensor:
+        g = torch.einsum("ngto,ngtp->ngop", _wide(self.grads(lo, hi)), _wide(self.patches(lo, hi)))
+        return g.reshape(hi - lo, *self.param.shape)  # [b, G, O, P]: the weight's own layout
+
+
+class EmbeddingTerm(_Term):
+    """``nn.Embedding``: ``g_i = Σ_t e_{idx_it} ⊗ b_it``; ghost norm ``Σ_{t,t'} [idx_it = idx_it'] ⟨b_it, b_it'⟩``."""
+
+    def __init__(self, param: nn.Parameter, indices: torch.Tensor, grads: torch.Tensor) -> None:
+        self.param = param
+        self.indices, self.grads = indices, grads  # [B, T], [B, T, d] (padding positions zeroed)
+        self.batch_size = indices.shape[0]
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        grads = _wide(self.grads)
+        out = torch.zeros(self.param.shape, dtype=grads.dtype, device=grads.device)
+        scaled = grads * factors.to(grads.dtype)[:, None, None]
+        return out.index_add_(0, self.indices.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+
+    def materialise(self, lo: int, hi: int) -> torch.Tensor:
+        n, (rows, dim) = hi - lo, self.param.shape
+        out = torch.zeros(n * rows, dim, dtype=_wide(self.grads).dtype, device=self.grads.device)
+        offsets = torch.arange(n, device=self.indices.device)[:, None] * rows
+        index = (self.indices[lo:hi] + offsets).reshape(-1)
+        return out.index_add_(0, index, _wide(self.grads[lo:hi]).reshape(-1, dim)).view(n, rows, dim)
+
+
+# ------------------------------------------------------------------------------------------ norms
+def _gemm_prefers_ghost(terms: list[GemmTerm]) -> bool:
+    """Mixed ghost clipping: the ghost norm costs ``G·T²·(P+O)``, a materialised one ``G·T·P·O``."""
+    _, _, _, p, o = terms[0].shape
+    t = sum(term.shape[2] for term in terms)
+    return t * (p + o) <= p * o
+
+
+def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
+    """``‖g_i‖²`` of a weight over all its calls: the calls' patches and gradients concatenate along T."""
+    batch, groups, _, p, o = terms[0].shape
+    t = sum(term.shape[2] for term in terms)
+    out = []
+    per_sample = groups * t * (2 * t + p + o) if ghost else groups * (p * o + t * (p + o))
+    for lo, hi in _chunks(batch, per_sample):
+        a = torch.cat([_wide(term.patches(lo, hi)) for term in terms], dim=2)  # [b, G, T, P]
+        b = torch.cat([_wide(term.grads(lo, hi)) for term in terms], dim=2)  # [b, G, T, O]
+        if not ghost:
+            g = torch.einsum("ngto,ngtp->ngop", b, a)
+            out.append(g.flatten(1).square().sum(1))
+        elif t == 1:
+            out.append((a.square().sum(-1) * b.square().sum(-1)).sum((1, 2)))
+        else:
+            out.append(((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3)))
+    return torch.cat(out)
+
+
+def _embedding_squared_norms(terms: list[EmbeddingTerm]) -> torch.Tensor:
+    idx = torch.cat([term.indices for term in terms], dim=1)
+    grads = torch.cat([_wide(term.grads) for term in terms], dim=1)
+    batch, t = idx.shape
+    out = []
+    for lo, hi in _chunks(batch, 2 * t * t):
+        same = (idx[lo:hi, :, None] == idx[lo:hi, None, :]).to(grads.dtype)
+        out.append((same * (grads[lo:hi] @ grads[lo:hi].transpose(1, 2))).sum((1, 2)))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------ engines
+@dataclass
+class _Group:
+    """All terms of one parameter in the current micro-batch, and how its norm is computed."""
+
+    terms: list[_Term]
+    module: str
+    norm: str = ""
+
+
+class ClippingEngine:
+    """Per-sample norms and clipped sums of the hooked parameters of one micro-batch.
+
+    Use: :meth:`attach` the model; run forward and backward inside ``hooks.capturing()``; then
+    :meth:`check_batch_dimension`, optionally :meth:`unclipped_sums` (the first-step sum check),
+    :meth:`squared_norms`, :meth:`accumulate` with the clip factors, and :meth:`clear`.
+
+    Args:
+        hooks: the hook engine that records the layers' inputs and output gradients.
+    """
+
+    mode: str = "per_sample"
+
+    def __init__(self, hooks: PerSampleGradients) -> None:
+        self.hooks = hooks
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return self.hooks.parameters
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook ``model``'s modules that own parameters trainable now."""
+        self.hooks.attach(model)
+
+    def batch_sizes(self) -> list[tuple[nn.Parameter, int]]:
+        """The leading (sample) dimension each hooked parameter's gradient was computed with."""
+        return [(p, p.grad_sample.shape[0]) for p in self.parameters if _has(p)]
+
+    def check_batch_dimension(self, batch_size: int) -> None:
+        """Refuse per-sample gradients whose leading dimension is not the micro-batch size.
+
+        A model that folds other dimensions into the batch (``[B, T, D] -> [B·T, D]`` before a Linear)
+        would be clipped per token, not per sample: one sample could then contribute ``T·C``.
+        """
+        for p, found in self.batch_sizes():
+            if found != batch_size:
+                name = self.hooks.parameter_names.get(p, "?")
+                module = name.rpartition(".")[0] or "<root>"
+                self.clear()
+                raise ValueError(
+                    f"DPStrategy: module `{module}` produced per-sample gradients for {found} samples "
+                    f"(parameter `{name}`), but the micro-batch has {batch_size}: the model reshapes the batch "
+                    "dimension (e.g. [B, T, D] -> [B·T, D]) before this layer, which would clip each token "
+                    "instead of each sample. Keep the batch as the leading dimension of every layer's input "
+                    "(Linear accepts [B, T, D])."
+                )
+
+    def squared_norms(self) -> torch.Tensor:
+        """``‖g_i‖²`` over all hooked parameters, ``[B]``, in at least float32."""
+        norms = self.hooks.per_sample_norms()
+        return norms.square() if norms.numel() else norms
+
+    def unclipped_sums(self) -> dict[nn.Parameter, torch.Tensor]:
+        """``Σ_i g_i`` per parameter (for the first-step check that per-sample gradients add up)."""
+        return {p: _wide(p.grad_sample).sum(0) for p in self.parameters if _has(p)}
+
+    def accumulate(
+        self,
+        sums: dict[nn.Parameter, torch.Tensor],
+        factors: torch.Tensor,
+        absolute: Iterable[nn.Parameter] = (),
+        unclipped: Iterable[nn.Parameter] = (),
+        only: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        """Add ``Σ_i c_i g_i`` of every hooked parameter to ``sums`` (float32 or wider).
+
+        Args:
+            sums: running sums, updated in place.
+            factors: clip factors ``c_i``, ``[B]``.
+            absolute: parameters whose sum is ``Σ_i c_i |g_i|`` (SPARTA's scores).
+            unclipped: parameters summed with ``c_i = 1`` (the oracle mask's true gradients).
+            only: when given, the other parameters are skipped.
+        """
+        absolute, unclipped = {id(p) for p in absolute}, {id(p) for p in unclipped}
+        wanted = None if only is None else {id(p) for p in only}
+        ones = torch.ones_like(factors)
+        for p in self.parameters:
+            if not _has(p) or (wanted is not None and id(p) not in wanted):
+                continue
+            grad_sample = p.grad_sample
+            if id(p) in absolute:
+                # in place when the engine owns the storage (cleared afterwards): no second copy of g_i
+                grad_sample = grad_sample.abs_() if grad_sample.is_contiguous() else grad_sample.abs()
+            c = ones if id(p) in unclipped else factors
+            grad_sample = _wide(grad_sample)
+            _add(sums, p, torch.einsum("i,i...->...", c.to(grad_sample.dtype), grad_sample))
+
+    def clear(self) -> None:
+        """Drop everything recorded for the current micro-batch and the parameters' ``.grad``."""
+        self.hooks.clear()
+        for p in self.parameters:
+            p.grad = None
+
+
+class MaterialisingClipping(ClippingEngine):
+    """Today's engine: every hooked parameter gets ``grad_sample``; norms and sums come from it."""
+
+    mode = "per_sample"
+
+
+class GhostClipping(ClippingEngine):
+    """Ghost norms and book-keeping sums for layers with a ghost form, per-sample tensors for the rest.
+
+    Args:
+        hooks: the hook engine.
+        mixed: per layer, take the cheaper of ghost and materialised norms (``"auto"``); ``False``
+            takes the ghost norm wherever a ghost form exists (``"ghost"``).
+    """
+
+    def __init__(self, hooks: PerSampleGradients, mixed: bool = True) -> None:
+        super().__init__(hooks)
+        self.mixed = mixed
+        self.mode = "auto" if mixed else "ghost"
+        self._groups: dict[nn.Parameter, _Group] | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.hooks.attach(model, ghost=has_ghost_form)
+        self._groups = None
+
+    def _terms(self) -> dict[nn.Parameter, _Group]:
+        """The recorded calls as terms, grouped by parameter (built once per micro-batch)."""
+        if self._groups is None:
+            groups: dict[nn.Parameter, _Group] = {}
+            for module, name, calls in self.hooks.ghost_records():
+                form = _GHOST_FORMS[type(module)][0]
+                for inputs, grad_output in calls:
+                    for term in form(module, inputs, grad_output):
+                        groups.setdefault(term.param, _Group([], name)).terms.append(term)
+            self._groups = groups
+        return self._groups
+
+    def batch_sizes(self) -> list[tuple[nn.Parameter, int]]:
+        sizes = super().batch_sizes()
+        for p, group in self._terms().items():
+            sizes += [(p, term.batch_size) for term in group.terms]
+        return sizes
+
+    def squared_norms(self) -> torch.Tensor:
+        total = super().squared_norms()
+        for group in self._terms().values():
+            terms = group.terms
+            if isinstance(terms[0], GemmTerm):
+                ghost = not self.mixed or _gemm_prefers_ghost(terms)  # type: ignore[arg-type]
+                norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
+                _, groups_, _, p, o = terms[0].shape  # type: ignore[attr-defined]
+                t = sum(term.shape[2] for term in terms)  # type: ignore[attr-defined]
+                group.norm = f"{'ghost' if ghost else 'materialised'} norm (T={t}, d_in={p}, d_out={o}"
+                group.norm += f", groups={groups_})" if groups_ > 1 else ")"
+            elif isinstance(terms[0], EmbeddingTerm):
+                norms, group.norm = _embedding_squared_norms(terms), "ghost norm"  # type: ignore[arg-type]
+            else:
+                norms = _dense_squared_norms(terms)
+                group.norm = "per-sample"
+            total = norms if total.numel() == 0 else total + norms.to(total.dtype)
+        self.hooks.set_clipping_notes(
+            {self.hooks.parameter_names.get(p, "?"): g.norm for p, g in self._terms().items()}
+        )
+        return total
+
+    def unclipped_sums(self) -> dict[nn.Parameter, torch.Tensor]:
+        sums = super().unclipped_sums()
+        for p, group in self._terms().items():
+            ones = torch.ones(group.terms[0].batch_size, device=p.device)
+            sums[p] = sum(term.clipped_sum(ones) for term in group.terms)
+        return sums
+
+    def accumulate(
+        self,
+        sums: dict[nn.Parameter, torch.Tensor],
+        factors: torch.Tensor,
+        absolute: Iterable[nn.Parameter] = (),
+        unclipped: Iterable[nn.Parameter] = (),
+        only: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        absolute, unclipped = list(absolute), list(unclipped)
+        super().accumulate(sums, factors, absolute, unclipped, only)
+        absolute_ids, unclipped_ids = {id(p) for p in absolute}, {id(p) for p in unclipped}
+        wanted = None if only is None else {id(p) for p in only}
+        for p, group in self._terms().items():
+            if wanted is not None and id(p) not in wanted:
+                continue
+            c = torch.ones_like(factors) if id(p) in unclipped_ids else factors
+            if id(p) in absolute_ids:  # Σ_i c_i |g_i| has no product form: materialise, in chunks of samples
+                total = None
+                per_sample = p.numel() * 2
+                for lo, hi in _chunks(group.terms[0].batch_size, per_sample):
+                    g = sum(term.materialise(lo, hi) for term in group.terms)
+                    part = torch.einsum("i,i...->...", c[lo:hi].to(g.dtype), g.abs().reshape(hi - lo, *p.shape))
+                    total = part if total is None else total + part
+                _add(sums, p, total)
+            else:
+                _add(sums, p, sum(term.clipped_sum(c) for term in group.terms))
+
+    def clear(self) -> None:
+        self._groups = None
+        super().clear()
+
+
+def _dense_squared_norms(terms: list[_Term]) -> torch.Tensor:
+    total = sum(term.materialise(0, term.batch_size) for term in terms)  # type: ignore[attr-defined]
+    return total.flatten(1).square().sum(1)
+
+
+def _add(sums: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, value: torch.Tensor) -> None:
+    sums[p] = sums[p] + value if p in sums else value
+
+
+def _has(p: nn.Parameter) -> bool:
+    return getattr(p, "grad_sample", None) is not None
+
+
+def create_clipping_engine(mode: ClippingMode, hooks: PerSampleGradients) -> ClippingEngine:
+    """The engine for ``DPStrategy(clipping=mode)``."""
+    if mode == "per_sample":
+        return MaterialisingClipping(hooks)
+    if mode in ("auto", "ghost"):
+        return GhostClipping(hooks, mixed=mode == "auto")
+    raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {mode!r}.")
+
+
+# ------------------------------------------------------------------------------------------ forms
+def _trainable(param: nn.Parameter | None) -> bool:
+    return param is not None and param.requires_grad
+
+
+def _linear_terms(
+    weight: nn.Parameter | None, bias: nn.Parameter | None, x: torch.Tensor, g: torch.Tensor, rows=None
+) -> list[_Term]:
+    """Terms of ``y = x Wᵀ + b`` on inputs ``[B, ..., P]``; ``rows``: W holds only those output rows."""
+    batch = g.shape[0]
+    a = x.reshape(batch, -1, x.shape[-1])  # [B, T, P]  (reshape errors on a folded batch: checked below)
+    b = g.reshape(batch, -1, g.shape[-1])  # [B, T, O]
+    terms: list[_Term] = []
+    if _trainable(bias):
+        terms.append(DenseTerm(bias, _wide(b).sum(1)))
+    if _trainable(weight):
+        bw = b if rows is None else b.index_select(-1, rows)
+        t, p, o = a.shape[1], a.shape[2], bw.shape[2]
+
+        def clipped_sum(c: torch.Tensor, a=a, bw=bw) -> torch.Tensor:
+            a2, b2 = _wide(a), _wide(bw)
+            if p <= o:
+                a2 = a2 * c.to(a2.dtype)[:, None, None]
+            else:
+                b2 = b2 * c.to(b2.dtype)[:, None, None]
+            return b2.reshape(-1, o).T @ a2.reshape(-1, p)
+
+        terms.append(
+            GemmTerm(
+                weight,
+                lambda lo, hi, a=a: a[lo:hi, None],
+                lambda lo, hi, bw=bw: bw[lo:hi, None],
+                (batch, 1, t, p, o),
+                clipped_sum,
+            )
+        )
+    return terms
+
+
+@register_ghost_form(nn.Linear)
+def linear_ghost_form(module: nn.Linear, inputs: list, grad_output: torch.Tensor) -> list[_Term]:
+    """``nn.Linear`` on ``[B, in]`` or ``[B, ..., in]``."""
+    return _linear_terms(module.weight, module.bias, inputs[0], grad_output)
+
+
+def _conv_padding(module: nn.Module) -> tuple[int, int] | None:
+    padding = module.padding
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if any(total % 2 for total in totals):
+            return None
+        return tuple(total // 2 for total in totals)  # type: ignore[return-value]
+    return tuple(padding)  # type: ignore[return-value]
+
+
+def _supports_conv(module: nn.Module) -> bool:
+    return getattr(module, "padding_mode", "zeros") == "zeros" and _conv_padding(module) is not None
+
+
+def _conv_terms(
+    module: nn.Module,
+    weight: nn.Parameter | None,
+    bias: nn.Parameter | None,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    padding: tuple[int, int],
+    groups: int,
+) -> list[_Term]:
+    """Terms of a 2-D convolution with input ``x`` (as the conv sees it) and output gradient ``g``."""
+    batch = g.shape[0]
+    terms: list[_Term] = []
+    if _trainable(bias):
+        terms.append(DenseTerm(bias, _wide(g).sum((2, 3))))
+    if _trainable(weight):
+        assert weight is not None
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        t = g.shape[2] * g.shape[3]
+        o = g.shape[1] // groups
+        p = x.shape[1] // groups * kernel[0] * kernel[1]
+
+        def patches(lo: int, hi: int, x=x) -> torch.Tensor:
+            cols = F.unfold(x[lo:hi], kernel, dilation=dilation, padding=padding, stride=stride)
+            return cols.view(hi - lo, groups, p, t).transpose(2, 3)
+
+        def grads(lo: int, hi: int, g=g) -> torch.Tensor:
+            return g[lo:hi].reshape(hi - lo, groups, o, t).transpose(2, 3)
+
+        def clipped_sum(c: torch.Tensor, x=x, g=g) -> torch.Tensor:
+            xs, gs = _wide(x), _wide(g)
+            if xs[0].numel() <= gs[0].numel():
+                xs = xs * c.to(xs.dtype)[:, None, None, None]
+            else:
+                gs = gs * c.to(gs.dtype)[:, None, None, None]
+            return torch.nn.grad.conv2d_weight(xs, weight.shape, gs, stride, padding, dilation, groups)
+
+        terms.append(GemmTerm(weight, patches, grads, (batch, groups, t, p, o), clipped_sum))
+    return terms
+
+
+@register_ghost_form(nn.Conv2d, _supports_conv)
+def conv2d_ghost_form(module: nn.Conv2d, inputs: list, grad_output: torch.Tensor) -> list[_Term]:
+    """``nn.Conv2d`` (any stride, dilation, groups; zero padding): a Linear over unfolded patches."""
+    return _conv_terms(module, module.weight, module.bias, inputs[0], grad_output, _conv_padding(module), module.groups)
+
+
+def _register_sparse_and_timm() -> None:
+    from lightning_sparta.sparse.layers import RowSparseConv2d, RowSparseLinear
+
+    @register_ghost_form(RowSparseLinear)
+    def row_sparse_linear_ghost_form(module: RowSparseLinear, inputs: list, grad_output: torch.Tensor):
+        """``RowSparseLinear``: ``b`` restricted to the k selected rows; the dense bias sees all of ``b``."""
+        return _linear_terms(module.weight_rows, module.bias, inputs[0], grad_output, rows=module.rows)
+
+    @register_ghost_form(RowSparseConv2d)
+    def row_sparse_conv2d_ghost_form(module: RowSparseConv2d, inputs: list, grad_output: torch.Tensor):
+        """``RowSparseConv2d``: the k selected filters; a grouped conv's filter reads its group's channels."""
+        x = module._prepare_input(inputs[0])
+        terms: list[_Term] = []
+        if _trainable(module.bias):
+            terms.append(DenseTerm(module.bias, _wide(grad_output).sum((2, 3))))
+        selected = grad_output.index_select(1, module.rows)
+        if module.groups == 1:
+            rows_input, groups = x, 1
+        else:  # the selected filters' own channels, so that a conv with groups=k gives them
+            rows_input, groups = module._row_inputs(x), module.num_rows
+        return terms + _conv_terms(module, module.weight_rows, None, rows_input, selected, module.padding, groups)
+
+    try:
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same
+    except ImportError:  # pragma: no cover
+        return
+
+    def supports_same(module: nn.Module) -> bool:
+        return type(module).forward is Conv2dSame.forward and _supports_conv(module)
+
+    @register_ghost_form(Conv2dSame, supports_same)
+    def conv2d_same_ghost_form(module: Conv2dSame, inputs: list, grad_output: torch.Tensor):
+        """timm's ``Conv2dSame``: the input padded with ``pad_same``, then a conv without padding."""
+        x = pad_same(inputs[0], module.kernel_size, module.stride, module.dilation)
+        return _conv_terms(module, module.weight, module.bias, x, grad_output, (0, 0), module.groups)
+
+
+def _supports_embedding(module: nn.Embedding) -> bool:
+    return module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
+
+
+@register_ghost_form(nn.Embedding, _supports_embedding)
+def embedding_ghost_form(module: nn.Embedding, inputs: list, grad_output: torch.Tensor) -> list[_Term]:
+    """``nn.Embedding`` (no ``max_norm``, ``sparse`` or ``scale_grad_by_freq``); ``padding_idx`` gets no gradient."""
+    if not _trainable(module.weight):
+        return []
+    batch = grad_output.shape[0]
+    indices = inputs[0].reshape(batch, -1)
+    grads = grad_output.reshape(batch, -1, grad_output.shape[-1])
+    if module.padding_idx is not None:
+        grads = grads * (indices != module.padding_idx).unsqueeze(-1).to(grads.dtype)
+    return [EmbeddingTerm(module.weight, indices, grads)]
+
+
+_register_sparse_and_timm()
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CLIPPING_MODES",
+    "ClippingEngine",
+    "ClippingMode",
+    "DenseTerm",
+    "EmbeddingTerm",
+    "GemmTerm",
+    "GhostClipping",
+    "MaterialisingClipping",
+    "create_clipping_engine",
+    "has_ghost_form",
+    "register_ghost_form",
+]

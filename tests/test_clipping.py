@@ -1,0 +1,209 @@
+"""Clipping engines (issue 10): ghost norms + book-keeping against the torch.func reference, layer by layer.
+
+For every layer type and path, the per-sample squared norms and the clipped sums (signed, and the
+absolute sums SPARTA's scoring takes) must equal those of per-sample gradients from
+``vmap(grad(functional_call))`` to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import Conv2dSame
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import lightning_sparta.sparse  # noqa: F401  (registers the sparse layers' grad samplers)
+from lightning_sparta.privacy.clipping import GhostClipping, create_clipping_engine
+from lightning_sparta.privacy.per_sample import PerSampleGradients
+from lightning_sparta.sparse.layers import RowSparseConv2d, RowSparseLinear
+
+MODES = ("per_sample", "ghost", "auto")
+
+
+class _Loss(nn.Module):
+    """A fixed non-linear readout, so that output gradients differ per position and per sample."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.flatten(1)
+        weights = torch.linspace(-1.0, 2.0, y.shape[1], dtype=y.dtype)
+        return (torch.sin(3 * y) * weights).sum(1) + 0.1 * y.square().sum(1)
+
+
+class _Twice(nn.Module):
+    """Calls the same Linear twice in one forward pass (its per-sample gradient sums both calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+def _conv(*args, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(*args, **kwargs)
+
+
+def _row_sparse_linear():
+    return RowSparseLinear.from_dense(nn.Linear(7, 6), torch.tensor([4, 1]))
+
+
+def _row_sparse_conv(groups: int = 1, stride: int = 1):
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups)
+    return RowSparseConv2d.from_dense(conv, torch.tensor([5, 0, 2]))
+
+
+# (name, layer factory, input factory); inputs are float64 except the Embedding's indices
+CASES = [
+    ("linear-2d", lambda: nn.Linear(7, 5), lambda g: torch.randn(6, 7, generator=g)),
+    ("linear-3d", lambda: nn.Linear(7, 5), lambda g: torch.randn(6, 4, 7, generator=g)),
+    ("linear-4d-no-bias", lambda: nn.Linear(7, 5, bias=False), lambda g: torch.randn(6, 2, 3, 7, generator=g)),
+    ("linear-called-twice", _Twice, lambda g: torch.randn(6, 3, 5, generator=g)),
+    ("conv", lambda: _conv(3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, 6, generator=g)),
+    (
+        "conv-strided-dilated",
+        lambda: _conv(3, 4, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1)),
+        lambda g: torch.randn(5, 3, 9, 7, generator=g),
+    ),
+    ("conv-grouped", lambda: _conv(4, 6, 3, groups=2, padding="same"), lambda g: torch.randn(5, 4, 5, 5, generator=g)),
+    ("conv-depthwise", lambda: _conv(4, 4, 3, groups=4, bias=False), lambda g: torch.randn(5, 4, 6, 6, generator=g)),
+    ("conv2d-same", lambda: Conv2dSame(3, 4, 3, stride=2), lambda g: torch.randn(5, 3, 7, 7, generator=g)),
+    ("row-sparse-linear", _row_sparse_linear, lambda g: torch.randn(6, 7, generator=g)),
+    ("row-sparse-linear-3d", _row_sparse_linear, lambda g: torch.randn(6, 3, 7, generator=g)),
+    ("row-sparse-conv", _row_sparse_conv, lambda g: torch.randn(5, 4, 6, 6, generator=g)),
+    (
+        "row-sparse-conv-grouped-strided",
+        lambda: _row_sparse_conv(groups=2, stride=2),
+        lambda g: torch.randn(5, 4, 7, 7, generator=g),
+    ),
+    (
+        "norms",
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4)),
+        lambda g: torch.randn(6, 6, generator=g),
+    ),
+    (
+        "embedding",
+        lambda: nn.Embedding(9, 4, padding_idx=2),
+        lambda g: torch.randint(0, 9, (6, 5), generator=g),
+    ),
+    ("conv1d-falls-back", lambda: nn.Conv1d(3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, generator=g)),
+]
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss_one(p, xi):
+        return model[1](functional_call(model[0], {k.removeprefix("0."): v for k, v in p.items()}, (xi[None],)))[0]
+
+    return vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+
+
+def _run(model: nn.Module, x: torch.Tensor, mode: str, clip_quantile: float = 0.5):
+    hooks = PerSampleGradients()
+    engine = create_clipping_engine(mode, hooks)
+    engine.attach(model)
+    with hooks.capturing():
+        model[1](model[0](x)).sum().backward()
+    engine.check_batch_dimension(len(x))
+    norms2 = engine.squared_norms()
+    clip = norms2.sqrt().quantile(clip_quantile)
+    factors = (clip / (norms2.sqrt() + 1e-6)).clamp(max=1.0)
+    signed, absolute, unclipped = {}, {}, engine.unclipped_sums()
+    engine.accumulate(signed, factors)
+    params = list(engine.parameters)
+    # absolute sums last: the materialising engine takes |g_i| in place
+    engine.accumulate(absolute, factors, absolute=params)
+    names = dict(hooks.parameter_names)
+    paths = hooks.paths()
+    engine.clear()
+    return (
+        norms2,
+        factors,
+        {names[p]: v for p, v in signed.items()},
+        {names[p]: v for p, v in absolute.items()},
+        {names[p]: v for p, v in unclipped.items()},
+        paths,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("name", "layer", "inputs"), CASES, ids=[c[0] for c in CASES])
+def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(layer(), _Loss()).double()
+    x = inputs(g)
+    x = x.double() if x.is_floating_point() else x
+    if name == "embedding":
+        x[:, 0] = 2  # padding positions get no gradient
+        x[:, 1] = x[:, 2]  # repeated indices within a sample
+    reference = _reference(model, x)
+    norms2, factors, signed, absolute, unclipped, paths = _run(model, x, mode)
+    factors = factors.double()
+    expected = torch.stack([g.flatten(1).square().sum(1) for g in reference.values()]).sum(0)
+    torch.testing.assert_close(norms2.double(), expected, rtol=1e-5, atol=0)
+    assert (factors < 1).any()
+    assert (factors == 1).any()
+    for key, g in reference.items():
+        name_ = key
+        torch.testing.assert_close(
+            signed[name_].double(), torch.einsum("i,i...->...", factors, g), rtol=1e-5, atol=1e-12
+        )
+        torch.testing.assert_close(
+            absolute[name_].double(), torch.einsum("i,i...->...", factors, g.abs()), rtol=1e-5, atol=1e-12
+        )
+        torch.testing.assert_close(unclipped[name_].double(), g.sum(0), rtol=1e-5, atol=1e-12)
+    kinds = {p.path for p in paths}
+    if mode == "per_sample" or name in ("norms", "conv1d-falls-back"):
+        assert "ghost" not in kinds or name == "norms"
+    else:
+        assert "ghost" in kinds
+    if name == "conv1d-falls-back":
+        assert kinds == {"grad_sampler"}
+
+
+@pytest.mark.parametrize("mode", ["ghost", "auto"])
+def test_ghost_engine_forms_no_per_sample_weight_gradient(mode):
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)), _Loss())
+    hooks = PerSampleGradients()
+    engine = create_clipping_engine(mode, hooks)
+    engine.attach(model)
+    with hooks.capturing():
+        model[1](model[0](torch.randn(5, 4))).sum().backward()
+    engine.squared_norms()
+    inner = model[0]
+    assert getattr(inner[0].weight, "grad_sample", None) is None
+    assert getattr(inner[2].weight, "grad_sample", None) is None
+    assert inner[1].weight.grad_sample.shape == (5, 8)  # a norm layer keeps its cheap per-sample gradient
+    table = hooks.summary()
+    assert "ghost norm (T=1" in table, table
+    assert "per-sample" in table, table
+
+
+def test_auto_picks_the_cheaper_norm_from_the_shapes():
+    """Mixed ghost: a conv with many positions and few channels materialises, a Linear on T=1 goes ghost."""
+    conv = nn.Conv2d(2, 2, 3, padding=1)  # T = 64 positions, d_in·d_out = 18·2
+    head = nn.Linear(128, 3)
+    model = nn.Sequential(nn.Sequential(conv, nn.Flatten(), head), _Loss())
+    hooks = PerSampleGradients()
+    engine = GhostClipping(hooks, mixed=True)
+    engine.attach(model)
+    with hooks.capturing():
+        model[1](model[0](torch.randn(4, 2, 8, 8))).sum().backward()
+    engine.squared_norms()
+    rows = {p.module: p.clipping for p in hooks.paths()}
+    assert "weight: materialised norm (T=64" in rows["0.0"], rows
+    assert "weight: ghost norm (T=1" in rows["0.2"], rows
+
+
+def test_folded_batch_is_refused_on_the_ghost_path():
+    model = nn.Sequential(nn.Linear(4, 3), _Loss())
+    hooks = PerSampleGradients()
+    engine = create_clipping_engine("ghost", hooks)
+    engine.attach(model)
+    with hooks.capturing():
+        model[1](model[0](torch.randn(6, 4))).sum().backward()
+    with pytest.raises(ValueError, match=r"module `0` produced per-sample gradients for 6 samples"):
+        engine.check_batch_dimension(3)
