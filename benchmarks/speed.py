@@ -25,9 +25,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ROWS = ("non-private", "opacus", "dpstrategy", "sparta-sparse-20%", "sparta-sparse-1%", "scoring-epoch")
+ROWS = (
+    "non-private",
+    "opacus",
+    "dpstrategy",
+    "dpstrategy-bk",
+    "dpstrategy-ghost",
+    "sparta-sparse-20%",
+    "sparta-sparse-20%-bk",
+    "sparta-sparse-1%",
+    "sparta-sparse-1%-bk",
+    "scoring-epoch",
+    "scoring-epoch-bk",
+)
+# DPStrategy(clipping=...) of a row, from its suffix: per-sample gradients (no suffix), mixed ghost
+# norms + book-keeping ("-bk", clipping="auto"), ghost norms everywhere ("-ghost", clipping="ghost")
+CLIPPING_SUFFIXES = {"-bk": "auto", "-ghost": "ghost"}
 MODELS = ("deit", "resnet")
 SPARSE_FRACTIONS = {"sparta-sparse-20%": 0.2, "sparta-sparse-1%": 0.01}
+SWEEP_BATCHES = (16, 32, 64, 128, 256)
+SWEEP_ROWS = ("non-private", "dpstrategy", "dpstrategy-bk")
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 NUM_CLASSES = 10
@@ -95,6 +112,14 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------------------- one row
+def row_kind(row: str) -> tuple[str, str]:
+    """``(base row, clipping mode)``: ``"sparta-sparse-20%-bk"`` is ``("sparta-sparse-20%", "auto")``."""
+    for suffix, mode in CLIPPING_SUFFIXES.items():
+        if row.endswith(suffix):
+            return row.removesuffix(suffix), mode
+    return row, "per_sample"
+
+
 def build_model(name: str, depth: int):
     import timm
     from torch import nn
@@ -185,7 +210,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    dp_row = args.row not in ("non-private", "opacus")
+    base_row, clipping = row_kind(args.row)
+    dp_row = base_row not in ("non-private", "opacus")
     if dp_row:  # only DPStrategy rows import the package (it registers grad samplers with Opacus)
         from lightning_sparta.strategy import DPStrategy
     if args.row == "opacus":
@@ -199,8 +225,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
 
     model = build_model(args.model, args.depth)
-    if args.row in SPARSE_FRACTIONS:
-        sparsify_randomly(model, SPARSE_FRACTIONS[args.row], args.seed)
+    if base_row in SPARSE_FRACTIONS:
+        sparsify_randomly(model, SPARSE_FRACTIONS[base_row], args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     images = torch.randn(args.dataset_size, 3, 32, 32)
@@ -248,7 +274,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
             self.profiler = None
 
         def on_train_start(self, trainer, pl_module):
-            if args.row == "scoring-epoch":  # every step from now on is a private scoring step
+            if base_row == "scoring-epoch":  # every step from now on is a private scoring step
                 trainer.strategy.begin_scoring({f"{n}.weight": m.weight for n, m in scored_layers(model).items()})
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -265,6 +291,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
             elapsed, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
             if self.paths is None and dp_row:  # hooks are attached now (the strategy detaches them at teardown)
                 self.paths = [(p.module or "<root>", p.type, p.path) for p in trainer.strategy.engine.paths()]
+                self.clipping_table = trainer.strategy.engine.summary()
             if self.paths is None and args.row == "opacus":  # Opacus prepares functorch lazily, on first use
                 self.paths = [
                     (n.removeprefix("_module").lstrip(".") or "<root>", type(m).__name__, "functorch")
@@ -288,7 +315,9 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     timer = Timer()
     strategy: Any = "auto"
     if dp_row:
-        strategy = DPStrategy(noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, seed=args.seed)
+        strategy = DPStrategy(
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, seed=args.seed, clipping=clipping
+        )
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
@@ -321,6 +350,9 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mb": memory_mb,
         "trainable_parameters": trainable,
         "paths": timer.paths,
+        "clipping": clipping if dp_row else None,
+        "clipping_table": getattr(timer, "clipping_table", None),
+        "batch_size": args.batch_size,
     }
 
 
@@ -364,13 +396,14 @@ def markdown_table(results: list[dict[str, Any]], speed_key: str = "samples_per_
                 f"{_ratio(speed, opacus, speed_key)} | {memory:.0f} | {_ratio(memory, plain, 'peak_memory_mb')} | "
                 f"{r['cpu_seconds'] / r['seconds']:.2f} |"
             )
-        score, dp = by_row.get("scoring-epoch"), by_row.get("dpstrategy")
-        if score and dp and "error" not in score and "error" not in dp:
-            notes.append(
-                f"{model}: scoring-epoch vs dpstrategy (one DP-SGD step): "
-                f"{_ratio(score[speed_key], dp, speed_key)} the throughput, "
-                f"{_ratio(score['peak_memory_mb'], dp, 'peak_memory_mb')} the peak memory."
-            )
+        for suffix in ("", "-bk"):
+            score, dp = by_row.get(f"scoring-epoch{suffix}"), by_row.get(f"dpstrategy{suffix}")
+            if score and dp and "error" not in score and "error" not in dp:
+                notes.append(
+                    f"{model}: scoring-epoch{suffix} vs dpstrategy{suffix} (one DP-SGD step): "
+                    f"{_ratio(score[speed_key], dp, speed_key)} the throughput, "
+                    f"{_ratio(score['peak_memory_mb'], dp, 'peak_memory_mb')} the peak memory."
+                )
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 

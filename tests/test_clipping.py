@@ -207,3 +207,104 @@ def test_folded_batch_is_refused_on_the_ghost_path():
         model[1](model[0](torch.randn(6, 4))).sum().backward()
     with pytest.raises(ValueError, match=r"module `0` produced per-sample gradients for 6 samples"):
         engine.check_batch_dimension(3)
+
+
+# ------------------------------------------------------------------------------ whole models in DPStrategy
+def _tiny_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=3)
+
+
+def _tiny_resnet_gn() -> nn.Module:
+    """ResNet-18's structure (BasicBlocks, strided downsampling) with GroupNorm, small widths, in-place ops."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(
+        block=BasicBlock,
+        layers=(1, 1, 1, 1),
+        num_classes=3,
+        stem_width=8,
+        channels=(8, 16, 16, 16),
+        norm_layer=lambda channels, **_: nn.GroupNorm(4, channels),
+        zero_init_last=False,  # every conv gets a gradient from the first step
+    )
+
+
+def _fit(model_fn, clipping: str, scoring: bool = False, steps: int = 3, physical_batch_size: int | None = None):
+    import lightning as L
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sparta import DPStrategy
+
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model_fn()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            return DataLoader(data, batch_size=12)
+
+    module = Module()
+    scored = {n: p for n, p in module.named_parameters() if n.endswith("weight") and p.dim() > 1}
+
+    class Score(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.strategy.begin_scoring(scored)
+
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0,
+            max_grad_norm=0.1,
+            seed=3,
+            clipping=clipping,
+            physical_batch_size=physical_batch_size,
+        )
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Score()] if scoring else [],
+    )
+    trainer.fit(module)
+    paths = {p.path for p in strategy.engine.paths()} if strategy.engine.paths() else set()
+    result = strategy.end_scoring() if scoring else {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return result, paths
+
+
+@pytest.mark.parametrize("model_fn", [_tiny_vit, _tiny_resnet_gn], ids=["vit", "resnet-gn"])
+@pytest.mark.parametrize("clipping", ["ghost", "auto"])
+def test_whole_model_steps_match_the_per_sample_engine(model_fn, clipping):
+    """σ = 0, three steps (the first one checks sums with autograd, the next ones skip its weight gradients)."""
+    expected, _ = _fit(model_fn, "per_sample")
+    found, _ = _fit(model_fn, clipping, physical_batch_size=5)
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_fn", [_tiny_vit, _tiny_resnet_gn], ids=["vit", "resnet-gn"])
+def test_scoring_sums_match_the_per_sample_engine(model_fn):
+    """SPARTA's Σ_i c_i |g_i|: materialised in chunks on the ghost engine, with clip factors from ghost norms."""
+    expected, _ = _fit(model_fn, "per_sample", scoring=True, steps=2)
+    found, _ = _fit(model_fn, "auto", scoring=True, steps=2)
+    assert expected.keys() == found.keys()
+    for name, value in expected.items():
+        assert value.abs().sum() > 0, name
+        torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-6, msg=name)

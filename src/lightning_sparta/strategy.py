@@ -600,6 +600,8 @@ class DPStrategy(DDPStrategy):
         loss_sum = torch.zeros((), device=self.root_device)
         for i, micro in enumerate(micro_batches):
             self._micro_batch_size = batch_size_of(micro)
+            # the first-step sum check compares with autograd's batch gradients: keep them for that pass
+            self.engine.skip_ghost_parameter_gradients = not self._verify_next
             output = super().training_step(micro, *rest, **kwargs)
             loss, mean_loss = self._sum_of_losses(output, self._micro_batch_size)
             loss_sum = loss_sum + mean_loss * self._micro_batch_size

@@ -189,16 +189,20 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     out = []
     per_sample = groups * t * (2 * t + p + o) if ghost else groups * (p * o + t * (p + o))
     for lo, hi in _chunks(batch, per_sample):
-        a = torch.cat([_wide(term.patches(lo, hi)) for term in terms], dim=2)  # [b, G, T, P]
-        b = torch.cat([_wide(term.grads(lo, hi)) for term in terms], dim=2)  # [b, G, T, O]
+        a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
+        b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
         if not ghost:
             g = torch.einsum("ngto,ngtp->ngop", b, a)
-            out.append(g.flatten(1).square().sum(1))
+            out.append(torch.linalg.vector_norm(g.flatten(1), dim=1).square())
         elif t == 1:
             out.append((a.square().sum(-1) * b.square().sum(-1)).sum((1, 2)))
         else:
             out.append(((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3)))
     return torch.cat(out)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _embedding_squared_norms(terms: list[EmbeddingTerm]) -> torch.Tensor:

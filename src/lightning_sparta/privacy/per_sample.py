@@ -157,6 +157,10 @@ class PerSampleGradients:
     def __init__(self) -> None:
         self.loss_scale = 1.0
         self.enabled = False
+        # "ghost" modules: run the forward with detached parameters, so that autograd does not compute
+        # a batch weight gradient that the clipping engine replaces by its own clipped sum anyway
+        self.skip_ghost_parameter_gradients = False
+        self._detached: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self.parameters: list[nn.Parameter] = []
         self.parameter_names: dict[nn.Parameter, str] = {}
         self._paths: list[ModulePath] = []
@@ -219,6 +223,7 @@ class PerSampleGradients:
                 continue
             if recorded:
                 self._ghost[module] = name
+                self._attach_detached_parameters(module, [n for n, _ in rest])
                 self._attach_sampler(module)
                 self._record(name, module, "ghost", [n for n, _ in rest])
             elif grad_sampler_for(module) is not None:
@@ -378,6 +383,35 @@ class PerSampleGradients:
         loss with respect to its output, already multiplied by :attr:`loss_scale`.
         """
         return [(m, self._ghost[m], calls) for m, calls in self._records.items() if calls]
+
+    def _attach_detached_parameters(self, module: nn.Module, names: list[str]) -> None:
+        """While :attr:`skip_ghost_parameter_gradients` is set, run ``module`` on detached parameters.
+
+        The clipping engine computes the clipped sum of a ``"ghost"`` module from its recorded input
+        and output gradient, so autograd's batch gradient of its parameters would be computed for
+        nothing (a third of the layer's backward cost). The parameters are detached only when an
+        input requires grad: the output then still requires grad and its gradient still arrives.
+        """
+
+        def detach(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (self.skip_ghost_parameter_gradients and self._active(mod)):
+                return
+            if not any(torch.is_tensor(a) and a.requires_grad for a in args):
+                return  # e.g. the first layer: its output would need no gradient at all
+            saved = {}
+            for name in names:
+                param = mod._parameters[name]
+                if param is not None:
+                    saved[name] = param
+                    mod._parameters[name] = param.detach()  # read by the forward pass as the attribute
+            self._detached[mod] = saved
+
+        def restore(mod: nn.Module, _args: Any, _output: Any) -> None:
+            for name, param in self._detached.pop(mod, {}).items():
+                mod._parameters[name] = param
+
+        self._handles.append(module.register_forward_pre_hook(detach))
+        self._handles.append(module.register_forward_hook(restore, always_call=True))
 
     def _attach_broadcast(self, module: nn.Module, names: list[str]) -> None:
         def expand(mod: nn.Module, args: tuple[Any, ...]) -> None:
