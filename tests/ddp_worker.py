@@ -1,7 +1,8 @@
 """A 2-process CPU (gloo) DDP run of DPStrategy; launched by tests/test_ddp.py, one file per rank.
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
-Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: train | noise | sparta | unseeded)
+Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
+(MODE: train | noise | sparta | unseeded; CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
 import os
@@ -48,7 +49,7 @@ class IndexedModule(L.LightningModule):
         return DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=BATCH, shuffle=True)
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
     if mode == "unseeded":
         # no seed_everything: every rank builds its model from different random weights and buffers
         torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
@@ -63,7 +64,7 @@ def main(out: Path, mode: str) -> None:
         callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
     # micro-batches of 2: ranks run different numbers of training_step calls (see the log call above)
     seed = None if mode == "unseeded" else 123
-    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=seed, physical_batch_size=2)
+    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=seed, physical_batch_size=2, clipping=clipping)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -94,4 +95,4 @@ def main(out: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:4])

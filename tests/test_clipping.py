@@ -7,6 +7,8 @@ absolute sums SPARTA's scoring takes) must equal those of per-sample gradients f
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from timm.layers import Conv2dSame
@@ -231,7 +233,14 @@ def _tiny_resnet_gn() -> nn.Module:
     )
 
 
-def _fit(model_fn, clipping: str, scoring: bool = False, steps: int = 3, physical_batch_size: int | None = None):
+def _fit(
+    model_fn,
+    clipping: str,
+    scoring: bool = False,
+    steps: int = 3,
+    physical_batch_size: int | None = None,
+    sparta: dict | None = None,
+):
     import lightning as L
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
@@ -254,6 +263,9 @@ def _fit(model_fn, clipping: str, scoring: bool = False, steps: int = 3, physica
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
+        def get_classifier(self):
+            return self.model.get_classifier()
+
         def train_dataloader(self):
             return DataLoader(data, batch_size=12)
 
@@ -264,6 +276,12 @@ def _fit(model_fn, clipping: str, scoring: bool = False, steps: int = 3, physica
         def on_train_start(self, trainer, pl_module):
             trainer.strategy.begin_scoring(scored)
 
+    class Paths(L.Callback):
+        paths: typing.ClassVar[set] = set()
+
+        def on_train_batch_end(self, trainer, *args):
+            Paths.paths = {(p.type, p.path) for p in trainer.strategy.engine.paths()}
+
     with pytest.warns(UserWarning, match="NOT differentially private"):
         strategy = DPStrategy(
             noise_multiplier=0.0,
@@ -272,20 +290,28 @@ def _fit(model_fn, clipping: str, scoring: bool = False, steps: int = 3, physica
             clipping=clipping,
             physical_batch_size=physical_batch_size,
         )
+    callbacks = [Paths(), Score()] if scoring else [Paths()]
+    if sparta is not None:
+        from lightning_sparta import SpartaMaskCallback
+
+        callbacks.append(SpartaMaskCallback(**sparta))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=1,
         max_steps=steps,
+        max_epochs=-1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Score()] if scoring else [],
+        callbacks=callbacks,
     )
     trainer.fit(module)
-    paths = {p.path for p in strategy.engine.paths()} if strategy.engine.paths() else set()
+    paths = Paths.paths  # of the last step (the engine detaches at teardown)
     result = strategy.end_scoring() if scoring else {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if sparta is not None:
+        result = (result, callbacks[-1].mask)
     return result, paths
 
 
@@ -307,4 +333,20 @@ def test_scoring_sums_match_the_per_sample_engine(model_fn):
     assert expected.keys() == found.keys()
     for name, value in expected.items():
         assert value.abs().sum() > 0, name
+        torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_fn", [_tiny_vit, _tiny_resnet_gn], ids=["vit", "resnet-gn"])
+def test_sparta_run_matches_the_per_sample_engine(model_fn):
+    """Warm-up, scoring epoch, sparse phase on RowSparseLinear/RowSparseConv2d: same mask, same weights."""
+    sparta = {"mask_epoch": 1, "trainable_fraction": 0.25}
+    (expected, expected_mask), _ = _fit(model_fn, "per_sample", steps=6, sparta=sparta)
+    (found, found_mask), paths = _fit(model_fn, "auto", steps=6, sparta=sparta)
+    assert {kind for kind, path in paths if path == "ghost"} >= {
+        "RowSparseLinear" if model_fn is _tiny_vit else "RowSparseConv2d"
+    }
+    assert expected_mask.keys() == found_mask.keys()
+    for name, rows in expected_mask.items():
+        assert torch.equal(found_mask[name], rows), name
+    for name, value in expected.items():
         torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -16,12 +16,12 @@ from lightning_sparta.privacy.sampler import PoissonBatchSampler
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(tmp_path: Path, mode: str) -> list[dict]:
+def _run(tmp_path: Path, mode: str, clipping: str = "per_sample") -> list[dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path), mode],
+        [sys.executable, str(WORKER), str(tmp_path), mode, clipping],
         env=env,
         capture_output=True,
         text=True,
@@ -84,9 +84,14 @@ def test_noise_is_added_once_globally(tmp_path):
     assert np.isfinite(r0["epsilon"])
 
 
-def test_sparta_selects_identical_masks_on_every_rank(tmp_path):
-    """Scores are reduced with the noise drawn once, so both ranks select the same rows and stay in sync."""
-    r0, r1 = _run(tmp_path, "sparta")
+@pytest.mark.parametrize("clipping", ["per_sample", "auto"])
+def test_sparta_selects_identical_masks_on_every_rank(tmp_path, clipping):
+    """Scores are reduced with the noise drawn once, so both ranks select the same rows and stay in sync.
+
+    With ``clipping="auto"`` each rank's clipped sums come from ghost norms and book-keeping, the
+    scores from chunked per-sample gradients, and the sparse phase from the row-sparse ghost forms.
+    """
+    r0, r1 = _run(tmp_path, "sparta", clipping)
     assert r0["mask"]
     assert r0["mask"].keys() == r1["mask"].keys()
     for name, rows in r0["mask"].items():
