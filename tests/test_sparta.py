@@ -195,7 +195,7 @@ ALL = sorted([*ALWAYS, "net.conv.weight", "net.fc.weight"])
 
 # ---------------------------------------------------------------------------------------------- selectors
 def test_registry_and_helpers():
-    assert {*SCORING_SELECTORS, "random", "magnitude", "all", "last", "bitfit"} <= set(registered_selectors())
+    assert {*SCORING_SELECTORS, "random", "magnitude", "all", "last", "bitfit", "layers"} <= set(registered_selectors())
     with pytest.raises(ValueError, match="already registered"):
         register_selector("magnitude", MagnitudeSelector())
     register_selector("mp_copy", MagnitudeSelector())
@@ -418,6 +418,7 @@ FINAL_SETS = {
     "all": ALL,
     "last": NORMS_AND_HEAD,
     "bitfit": ALWAYS,
+    "layers": sorted([*ALWAYS, "net.fc.weight"]),  # the last block: net.fc (layers outside numbered blocks)
 }
 
 
@@ -448,7 +449,7 @@ def test_every_selector_trains_its_set(tmp_path, selector, warmup):
             or (name.endswith(".weight") and f"{layer}.weight_values" in FINAL_SETS[selector])
         )
         assert moved == trained, name
-    if selector in ("all", "last", "bitfit"):
+    if selector in ("all", "last", "bitfit", "layers"):
         assert callback.mask == {}
         assert all(type(module.get_submodule(layer)) in (nn.Conv2d, nn.Linear) for layer in SCORED)
     else:

@@ -132,9 +132,10 @@ class SpartaMaskCallback(Callback):
         trainable_fraction: fraction of the rows (row selectors) or entries (element selectors) of
             every scored layer that trains; each layer keeps ``ceil(fraction · groups)``, at least one.
         selector: a registered selector name, built in: ``sparta``, ``dp_gradient``, ``oracle``,
-            ``magnitude``, ``random``, ``all``, ``last``, ``bitfit`` (see
+            ``magnitude``, ``random``, ``all``, ``last``, ``bitfit``, ``layers`` (the last block densely; see
             :func:`~lightning_sparta.sparse.selectors.get_selector`), or a
-            :class:`~lightning_sparta.sparse.selectors.MaskSelector` instance.
+            :class:`~lightning_sparta.sparse.selectors.MaskSelector` instance such as
+            ``LayersSelector(layers=["blocks.6.*"])``.
         warmup: what trains before ``T0``: ``"bitfit"`` or ``"full"``.
         layer_filter: ``(module, name) -> bool``; only Linear/Conv2d layers for which it returns True
             are scored (the others, and their biases, stay frozen).
@@ -307,7 +308,7 @@ class SpartaMaskCallback(Callback):
         if self._phase is None:
             self._phase = "warmup"
             needed = dict(self._warmup_set(pl_module))
-            if not (isinstance(self.selector, FixedSelector) and self.selector.trainable != "all"):
+            if not (isinstance(self.selector, FixedSelector) and self.selector.trainable in ("last", "bitfit")):
                 needed.update({f"{n}.weight": m.weight for n, m in self._scored.items()})
             self._check_optimizer(trainer, self._respecting(needed))
         if self._phase == "warmup":
@@ -542,8 +543,9 @@ class SpartaMaskCallback(Callback):
 
     def _final_set(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         if isinstance(self.selector, FixedSelector):
-            if self.selector.trainable == "all":
-                return {**self._always, **{f"{n}.weight": m.weight for n, m in self._scored.items()}}
+            if self.selector.trainable in ("all", "layers"):
+                dense = self.selector.dense_layers(list(self._scored))
+                return {**self._always, **{f"{n}.weight": self._scored[n].weight for n in dense}}
             if self.selector.trainable == "last":
                 return _unique(
                     {
@@ -618,12 +620,13 @@ class SpartaMaskCallback(Callback):
     # ------------------------------------------------------------------------------------ report
     def _kept_fractions(self) -> dict[str, float]:
         result = {}
+        fixed = isinstance(self.selector, FixedSelector)
+        dense = set(self.selector.dense_layers(list(self._scored))) if fixed else set()
         for name, module in self._scored.items():
             weight = module.weight
             selection = (self.mask or {}).get(name)
             if selection is None:
-                trainable = isinstance(self.selector, FixedSelector) and self.selector.trainable == "all"
-                result[name] = 1.0 if trainable else 0.0
+                result[name] = 1.0 if name in dense else 0.0
             elif selection.dtype == torch.bool:
                 result[name] = selection.sum().item() / selection.numel()
             else:

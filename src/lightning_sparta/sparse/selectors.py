@@ -21,6 +21,7 @@ name           granularity scoring             private what
 ``all``        fixed       ``None``            yes     every scored weight (full DP fine-tuning)
 ``last``       fixed       ``None``            yes     the classifier head and normalisation layers
 ``bitfit``     fixed       ``None``            yes     biases, normalisation layers and the head
+``layers``     fixed       ``None``            yes     chosen layers densely (the last block by default)
 ============== =========== =================== ======= ==============================================
 
 The "private" column is not a setting: :attr:`MaskSelector.private` is derived from ``scoring``
@@ -34,6 +35,7 @@ groups (rows or entries), at least one. Ties are broken deterministically, lower
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any, ClassVar, Literal, get_args
 
@@ -47,6 +49,7 @@ __all__ = [
     "DPGradientSelector",
     "FixedSelector",
     "LastSelector",
+    "LayersSelector",
     "MagnitudeSelector",
     "MaskSelector",
     "OracleSelector",
@@ -318,7 +321,11 @@ class FixedSelector(MaskSelector):
     """A fixed trainable set, chosen without data; :attr:`trainable` names it."""
 
     granularity = "fixed"
-    trainable: ClassVar[Literal["all", "last", "bitfit"]]
+    trainable: ClassVar[Literal["all", "last", "bitfit", "layers"]]
+
+    def dense_layers(self, names: list[str]) -> list[str]:
+        """Which of the scored layers ``names`` (in module order) train their whole weight densely."""
+        return list(names) if self.trainable == "all" else []
 
     @override
     def select(
@@ -350,6 +357,73 @@ class BitFitSelector(FixedSelector):
 
     name = "bitfit"
     trainable = "bitfit"
+
+
+def block_of(layer: str) -> str:
+    """The block a layer belongs to: its name up to the first numeric component, else the name itself.
+
+    Example:
+        >>> block_of("blocks.5.2.conv_pw"), block_of("layer4.1.conv2"), block_of("head.fc")
+        ('blocks.5', 'layer4.1', 'head.fc')
+    """
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+class LayersSelector(FixedSelector):
+    """Layer selection (Cattan et al. 2022): chosen layers train densely, plus biases, norms and the head.
+
+    Fine-tuning a few chosen layers of a pretrained model is the seeds' strong baseline for DP
+    transfer learning. Choose the layers by name pattern or as the last ``last_blocks`` blocks of the
+    model, a block being a layer's name up to its first numeric component (``blocks.11`` of a ViT,
+    ``layer4.1`` of a ResNet, ``blocks.6`` of an EfficientNet); layers outside numbered containers are
+    blocks of their own. It uses no private data.
+
+    Args:
+        layers: ``fnmatch`` patterns matched against scored layer names (``"blocks.11.*"``); a layer
+            matching any pattern trains densely. ``None`` uses ``last_blocks``.
+        last_blocks: train the scored layers of the last ``last_blocks`` blocks (in module order).
+
+    Raises:
+        ValueError: for a bad argument, or (at selection) for patterns that match no scored layer.
+
+    Example:
+        >>> LayersSelector(last_blocks=1).dense_layers(["blocks.0.fc1", "blocks.1.fc1", "blocks.1.fc2"])
+        ['blocks.1.fc1', 'blocks.1.fc2']
+        >>> LayersSelector(layers=["*.fc2"]).dense_layers(["blocks.0.fc2", "blocks.1.fc1"])
+        ['blocks.0.fc2']
+    """
+
+    name = "layers"
+    trainable = "layers"
+
+    def __init__(self, layers: list[str] | tuple[str, ...] | None = None, last_blocks: int = 1) -> None:
+        if layers is not None and (
+            isinstance(layers, str) or not all(isinstance(p, str) and p for p in layers) or not layers
+        ):
+            raise ValueError(f"`layers` must be a non-empty list of name patterns or None, got {layers!r}.")
+        if isinstance(last_blocks, bool) or not isinstance(last_blocks, int) or last_blocks < 1:
+            raise ValueError(f"`last_blocks` must be a positive integer, got {last_blocks!r}.")
+        self.layers = None if layers is None else tuple(layers)
+        self.last_blocks = last_blocks
+
+    @override
+    def dense_layers(self, names: list[str]) -> list[str]:
+        if self.layers is not None:
+            chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.layers)]
+            if not chosen:
+                raise ValueError(f"`layers` patterns {list(self.layers)} match no scored layer; scored: {names[:8]}.")
+            return chosen
+        blocks = list(dict.fromkeys(block_of(n) for n in names))
+        kept = set(blocks[-self.last_blocks :])
+        return [n for n in names if block_of(n) in kept]
+
+    def __repr__(self) -> str:
+        what = f"layers={list(self.layers)}" if self.layers is not None else f"last_blocks={self.last_blocks}"
+        return f"LayersSelector({what})"
 
 
 _REGISTRY: dict[str, MaskSelector] = {}
@@ -404,6 +478,7 @@ for _selector in (
     AllSelector(),
     LastSelector(),
     BitFitSelector(),
+    LayersSelector(),
 ):
     register_selector(_selector.name, _selector)
 del _selector
