@@ -45,6 +45,8 @@ MODELS = ("deit", "resnet")
 SPARSE_FRACTIONS = {"sparta-sparse-20%": 0.2, "sparta-sparse-1%": 0.01}
 SWEEP_BATCHES = (16, 32, 64, 128, 256)
 SWEEP_ROWS = ("non-private", "dpstrategy", "dpstrategy-bk")
+# per-sample gradients of ResNet-18 at batch 256 need ~13 GB: more than a shared 24 GB machine should give
+SWEEP_SKIP = {("resnet", "dpstrategy", 256): "skipped: ~13 GB of per-sample gradients"}
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 NUM_CLASSES = 10
@@ -67,11 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps and a shallow DeiT, for smoke tests")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each row's steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"also time {SWEEP_ROWS} at batch sizes {SWEEP_BATCHES} (table and plot of cost versus batch size)",
+    )
+    parser.add_argument("--sweep-steps", type=int, default=2, help="timed steps per sweep point (after 1 warm-up)")
+    parser.add_argument(
+        "--sweep-batches", default=",".join(map(str, SWEEP_BATCHES)), help="comma-separated batch sizes of the sweep"
+    )
     # Internal: run one row in this process and write its result as JSON.
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
     if args.steps is None:
         args.steps = 2 if args.quick else 6
     if args.warmup is None:
@@ -415,6 +427,103 @@ def paths_summary(paths: list[list[str]]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
 
 
+def _run_child(args: argparse.Namespace, model: str, row: str, tmp: str, label: str = "") -> dict[str, Any]:
+    """Run one row in a fresh process and return its result (or ``{"error": ...}``)."""
+    result_file = os.path.join(tmp, f"{model}_{row}_{args.batch_size}.json")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        _child_command(args, model, row, result_file),
+        capture_output=True,
+        text=True,
+        check=False,
+        # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count
+        # to cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
+    )
+    if args.profile and "--- profile" in proc.stderr:
+        print(proc.stderr[proc.stderr.index("--- profile") :], file=sys.stderr)
+    name = f"{row} {label}".strip()
+    if proc.returncode != 0 or not os.path.exists(result_file):
+        message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{model:6s} {name:24s} FAILED: {message}", flush=True)
+        return {"model": model, "row": row, "error": message}
+    result = json.loads(Path(result_file).read_text())
+    print(
+        f"{model:6s} {name:24s} {result['samples_per_s']:7.1f} samples/s "
+        f"{result['samples_per_cpu_s']:7.1f} samples/CPU-s {result['peak_memory_mb']:6.0f} MB  "
+        f"trainable={result['trainable_parameters']:>10,d}  ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
+    return result
+
+
+def norm_paths_summary(table: str) -> str:
+    """How many weights took a ghost norm and how many a materialised one, from ``engine.summary()``."""
+    ghost, materialised = table.count("ghost norm"), table.count("materialised norm")
+    return f"{ghost} ghost, {materialised} materialised (the others per-sample)"
+
+
+def norm_paths_section(results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"- {r['model']} / {r['row']}: {norm_paths_summary(r['clipping_table'])}"
+        for r in results
+        if r.get("clipping_table") and r.get("clipping") not in (None, "per_sample")
+    ]
+    return "\nNorm paths of the weights (clipping engine):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def sweep_table(sweep: list[dict[str, Any]], batches: list[int]) -> str:
+    lines = [
+        "| model | batch | "
+        + " | ".join(f"{r} ms/sample" for r in SWEEP_ROWS)
+        + " | "
+        + " | ".join(f"{r} MB" for r in SWEEP_ROWS)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(SWEEP_ROWS)),
+    ]
+    for model in dict.fromkeys(r["model"] for r in sweep):
+        for batch in batches:
+            by_row = {r["row"]: r for r in sweep if r["model"] == model and r["batch_size"] == batch}
+            times, memory = [], []
+            for row in SWEEP_ROWS:
+                r = by_row.get(row)
+                if r is None or "error" in r:
+                    times.append("–" if r is None else f"({r['error'][:40]})")
+                    memory.append("–")
+                    continue
+                times.append(f"{1000 / r['samples_per_cpu_s']:.1f}")
+                memory.append(f"{r['peak_memory_mb']:.0f}")
+            lines.append(f"| {model} | {batch} | " + " | ".join(times) + " | " + " | ".join(memory) + " |")
+    return "\n".join(lines)
+
+
+def sweep_plot(sweep: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in sweep))
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
+    for j, model in enumerate(models):
+        for row in SWEEP_ROWS:
+            points = [r for r in sweep if r["model"] == model and r["row"] == row and "error" not in r]
+            batches = [r["batch_size"] for r in points]
+            axes[0][j].plot(batches, [1000 / r["samples_per_cpu_s"] for r in points], marker="o", label=row)
+            axes[1][j].plot(batches, [r["peak_memory_mb"] for r in points], marker="o", label=row)
+        axes[0][j].set_title(model)
+        axes[0][j].set_ylabel("CPU ms per sample")
+        axes[1][j].set_ylabel("peak memory (MB)")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.row is not None:  # child: one row
@@ -440,37 +549,41 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for row in rows:
-                result_file = os.path.join(tmp, f"{model}_{row}.json")
-                t0 = time.perf_counter()
-                proc = subprocess.run(
-                    _child_command(args, model, row, result_file),
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                    # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count
-                    # to cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
-                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
-                )
-                if args.profile and "--- profile" in proc.stderr:
-                    print(proc.stderr[proc.stderr.index("--- profile") :], file=sys.stderr)
-                if proc.returncode != 0 or not os.path.exists(result_file):
-                    message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    print(f"{model:6s} {row:18s} FAILED: {message}", flush=True)
-                    results.append({"model": model, "row": row, "error": message})
-                    continue
-                result = json.loads(Path(result_file).read_text())
+                result = _run_child(args, model, row, tmp)
                 results.append(result)
-                print(
-                    f"{model:6s} {row:18s} {result['samples_per_s']:7.1f} samples/s "
-                    f"{result['samples_per_cpu_s']:7.1f} samples/CPU-s {result['peak_memory_mb']:6.0f} MB  "
-                    f"trainable={result['trainable_parameters']:>10,d}  ({time.perf_counter() - t0:.0f}s)",
-                    flush=True,
-                )
+                if "error" in result:
+                    continue
                 if row == "opacus":
                     fallback = [f"{m} ({kind})" for m, kind, _ in result["paths"]] or "none"
                     print(f"    Opacus functorch fallback: {fallback}", flush=True)
                 elif result["paths"]:
                     print(f"    per-sample paths: {paths_summary(result['paths'])}", flush=True)
+                    if result.get("clipping_table") and result["clipping"] != "per_sample":
+                        print(f"    norms: {norm_paths_summary(result['clipping_table'])}", flush=True)
+        sweep = []
+        if args.sweep:
+            sweep_args = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps, "warmup": 1})
+            for model in models:
+                for batch in args.sweep_batches:
+                    for row in SWEEP_ROWS:
+                        if (model, row, batch) in SWEEP_SKIP:
+                            sweep.append(
+                                {
+                                    "model": model,
+                                    "row": row,
+                                    "batch_size": batch,
+                                    "error": SWEEP_SKIP[(model, row, batch)],
+                                }
+                            )
+                            continue
+                        point = argparse.Namespace(
+                            **{
+                                **vars(sweep_args),
+                                "batch_size": batch,
+                                "dataset_size": max(args.dataset_size, 4 * batch),
+                            }
+                        )
+                        sweep.append({**_run_child(point, model, row, tmp, label=f"B={batch}"), "batch_size": batch})
     wall = time.perf_counter() - start
 
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS minus the RSS after imports"
@@ -479,12 +592,24 @@ def main(argv: list[str] | None = None) -> None:
         f"Wall-clock throughput (time.perf_counter per step):\n\n{markdown_table(results)}\n\n"
         f"CPU-time throughput (time.process_time per step; less sensitive to other processes):\n\n"
         f"{markdown_table(results, 'samples_per_cpu_s')}\n"
+        f"{norm_paths_section(results)}"
     )
-    print("\n" + text)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"speed_{args.device}.md").write_text(text)
     out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{args.device}.json"
-    out.write_text(json.dumps({"config": vars(args), "machine": machine, "wall_s": wall, "results": results}, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        plot = out.with_name(out.stem + "_vs_batch.png")
+        text += (
+            f"\nCost versus batch size ({args.sweep_steps} timed steps after 1 warm-up per point; time is CPU time, "
+            f"memory as above; plot: {plot.name}):\n\n{sweep_table(sweep, args.sweep_batches)}\n"
+        )
+        sweep_plot(sweep, plot)
+    print("\n" + text)
+    out.with_suffix(".md").write_text(text)
+    out.write_text(
+        json.dumps(
+            {"config": vars(args), "machine": machine, "wall_s": wall, "results": results, "sweep": sweep}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

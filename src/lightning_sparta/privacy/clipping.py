@@ -430,7 +430,10 @@ def _dense_squared_norms(terms: list[_Term]) -> torch.Tensor:
 
 
 def _add(sums: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, value: torch.Tensor) -> None:
-    sums[p] = sums[p] + value if p in sums else value
+    if p in sums:
+        sums[p].add_(value)  # the engine's own tensor, created by the first add of this step
+    else:
+        sums[p] = value
 
 
 def _has(p: nn.Parameter) -> bool:
