@@ -363,6 +363,7 @@ def _run_ddp(tmp_path: Path, mode: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero", "sparta"])
 def test_audit_in_two_process_ddp(tmp_path, mode):
     """Canaries are added once (rank 0), the data sums of both ranks are subtracted, both ranks report the same."""
