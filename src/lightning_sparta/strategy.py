@@ -216,6 +216,7 @@ class DPStrategy(DDPStrategy):
         self._score_sums: dict[str, torch.Tensor] = {}
         self._score_absolute = True  # scoring sums |g_i| (SPARTA) or g_i (DP-SGD gradients, Algorithm 2)
         self._score_private = True  # False: unclipped, noiseless sums (oracle mask, Algorithm 3)
+        self._score_train = False  # True: the non-scored parameters train from the same release
         self._epoch_position = 0
         self._micro_batch_size = 0
         self._verify_next = False
@@ -651,7 +652,9 @@ class DPStrategy(DDPStrategy):
         self._refuse_unclipped_gradients(optimizer)
         self._clip_and_accumulate()
         if self._scores is not None:
-            self._score_step()
+            if self._score_step():  # train_while_scoring: the release's non-scored part is a gradient
+                self.precision_plugin._after_closure(model, optimizer)
+                optimizer.step(**kwargs)
         else:
             self._noisy_gradient()
             self.precision_plugin._after_closure(model, optimizer)  # on_before_optimizer_step hooks
@@ -709,7 +712,8 @@ class DPStrategy(DDPStrategy):
             factors,
             absolute=scored if self._score_absolute else (),
             unclipped=() if self._score_private else scored,  # true gradients: no clipping (and no noise)
-            only=scored if self._scores is not None else None,  # a scoring step uses the scored sums only
+            # a scoring step uses the scored sums only, unless the rest trains from the same release
+            only=scored if self._scores is not None and not self._score_train else None,
         )
         engine.clear()
 
@@ -808,6 +812,7 @@ class DPStrategy(DDPStrategy):
         absolute: bool = True,
         private: bool = True,
         initial: dict[str, torch.Tensor] | None = None,
+        train: bool = False,
     ) -> None:
         """Turn the following training steps into private scoring steps (SPARTA, Algorithm 1, eq. 11).
 
@@ -827,17 +832,28 @@ class DPStrategy(DDPStrategy):
                 :meth:`mark_not_private` too. Every step is still accounted.
             initial: sums accumulated by an earlier part of the same scoring epoch (from
                 :attr:`scoring_sums` in a checkpoint), to continue after a mid-epoch resume.
+            train: also train the other trainable parameters (the always-trainable set) from the same
+                release, at no extra privacy cost. Each sample's gradient is clipped over the whole
+                trainable set, so the per-batch vector ``(Σ_i |c_i g_i| on the scored weights,
+                Σ_i c_i g_i on the rest)`` has sensitivity ``C``; one Gaussian noise vector
+                ``N(0, σ²C²I)`` is added to all of it, which is exactly the mechanism a DP-SGD step is
+                accounted as. The rest's part, divided by ``q·n``, is the gradient the optimizer
+                steps with: post-processing of the same release. Needs ``private=True``.
 
         Raises:
-            ValueError: if a scored parameter is frozen or scoring is already under way.
+            ValueError: if a scored parameter is frozen, scoring is already under way, or ``train``
+                is asked for a non-private scoring.
         """
         if self._scores is not None:
             raise ValueError("Scoring is already under way: call `end_scoring()` first.")
         frozen = [name for name, p in parameters.items() if not p.requires_grad]
         if frozen:
             raise ValueError(f"Scored parameters must be trainable while scoring, frozen: {frozen}.")
+        if train and not private:
+            raise ValueError("`train=True` needs private scoring: the non-scored part would be released without noise.")
         self._scores = dict(parameters)
         self._score_absolute, self._score_private = bool(absolute), bool(private)
+        self._score_train = bool(train)
         self._score_sums = {
             name: value.to(device=parameters[name].device, dtype=torch.float32).clone()
             for name, value in (initial or {}).items()
@@ -857,21 +873,32 @@ class DPStrategy(DDPStrategy):
             for name, p in self._scores.items()
         }
         self._scores, self._score_sums = None, {}
-        self._score_absolute, self._score_private = True, True
+        self._score_absolute, self._score_private, self._score_train = True, True, False
         return result
 
-    def _score_step(self) -> None:
+    def _score_step(self) -> bool:
+        """Release one scoring step; returns whether the other trainable parameters got a gradient.
+
+        Without ``train`` nothing reaches the optimizer. With it, the scored part and the rest are
+        one flat vector with one noise draw (see :meth:`begin_scoring`).
+        """
         assert self._scores is not None
         names = list(self._scores)
         params = [self._scores[n] for n in names]
-        sums = [self._summed.get(p, torch.zeros_like(p)) for p in params]
+        scored = {id(p) for p in params}
+        rest = [p for p in self.engine.parameters if id(p) not in scored] if self._score_train else []
+        sums = [self._summed.get(p, torch.zeros_like(p)) for p in [*params, *rest]]
         flat = self._reduced(sums, noise=self._score_private)
-        for name, p, chunk in zip(names, params, flat.split([p.numel() for p in params]), strict=True):
+        chunks = flat.split([p.numel() for p in [*params, *rest]])
+        for name, p, chunk in zip(names, params, chunks[: len(params)], strict=True):
             chunk = chunk.view_as(p)
             self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk.clone()
         self._summed.clear()
         for p in self.engine.parameters:
-            p.grad = None  # nothing reaches the optimizer
+            p.grad = None  # the scores never reach the optimizer
+        for p, chunk in zip(rest, chunks[len(params) :], strict=True):
+            p.grad = (chunk / self.expected_batch_size).view_as(p).to(p.dtype)
+        return bool(rest)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -148,6 +148,18 @@ class SpartaMaskCallback(Callback):
         respect_frozen: keep the user's trainable set (see above); ``False`` lets the callback decide
             ``requires_grad`` of every parameter, unfreezing what its phases train and freezing
             parameters of unknown modules.
+        train_while_scoring: train the always-trainable set (biases, norms, head) during the scoring
+            epochs from the same private release that gives the scores, so no epoch is spent without
+            updates, at no extra privacy cost: each sample's gradient is clipped over the whole
+            scoring-time trainable set, the released vector (|clipped g| on the scored weights, the
+            signed clipped sum on the rest) has sensitivity ``C`` and gets one Gaussian noise vector,
+            which is exactly the mechanism a DP-SGD step is accounted as; the optimizer step on the
+            rest is post-processing (see :meth:`DPStrategy.begin_scoring`). Beyond the paper; off by
+            default. Needs a private scoring selector.
+        scoring_epochs: accumulate the scores over this many epochs ending at ``mask_epoch`` (epochs
+            ``mask_epoch - scoring_epochs + 1 .. mask_epoch``), each releasing its score increments
+            with its own noise and accounted like DP-SGD epochs. ``mask_epoch + 1`` scores over the
+            whole warm-up; combine with ``train_while_scoring=True`` so those epochs still train.
 
     Raises:
         ValueError: for a bad argument (the message names it); at ``setup`` for a ``mask_epoch`` not
@@ -174,6 +186,8 @@ class SpartaMaskCallback(Callback):
         save_mask: bool = True,
         seed: int | None = None,
         respect_frozen: bool = True,
+        train_while_scoring: bool = False,
+        scoring_epochs: int = 1,
     ) -> None:
         if not isinstance(mask_epoch, int) or isinstance(mask_epoch, bool) or mask_epoch < 0:
             raise ValueError(f"`mask_epoch` must be an integer >= 0, got {mask_epoch!r}.")
@@ -205,6 +219,21 @@ class SpartaMaskCallback(Callback):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
         if not isinstance(respect_frozen, bool):
             raise ValueError(f"`respect_frozen` must be a bool, got {respect_frozen!r}.")
+        if not isinstance(train_while_scoring, bool):
+            raise ValueError(f"`train_while_scoring` must be a bool, got {train_while_scoring!r}.")
+        if train_while_scoring and not (selector.needs_scoring and selector.private):
+            raise ValueError(
+                f"`train_while_scoring=True` needs a selector with a private scoring epoch, got {selector.name!r}."
+            )
+        if isinstance(scoring_epochs, bool) or not isinstance(scoring_epochs, int) or scoring_epochs < 1:
+            raise ValueError(f"`scoring_epochs` must be a positive integer, got {scoring_epochs!r}.")
+        if scoring_epochs > 1 and not selector.needs_scoring:
+            raise ValueError(f"`scoring_epochs={scoring_epochs}` needs a scoring selector, got {selector.name!r}.")
+        if scoring_epochs > mask_epoch + 1:
+            raise ValueError(
+                f"`scoring_epochs={scoring_epochs}` needs `mask_epoch >= {scoring_epochs - 1}` (scoring ends at "
+                f"mask_epoch={mask_epoch} and cannot start before epoch 0)."
+            )
         self.mask_epoch = mask_epoch
         self.trainable_fraction = float(trainable_fraction)
         self.selector: MaskSelector = selector
@@ -215,6 +244,8 @@ class SpartaMaskCallback(Callback):
         self.save_mask = save_mask
         self.seed = seed
         self.respect_frozen = respect_frozen
+        self.train_while_scoring = train_while_scoring
+        self.scoring_epochs = scoring_epochs
 
         #: The selection after ``T0``: layer name -> sorted row indices or bool element mask (empty
         #: for fixed sets); ``None`` before.
@@ -339,7 +370,8 @@ class SpartaMaskCallback(Callback):
         epoch = trainer.current_epoch
         if self._phase == "scoring" and epoch > self.mask_epoch:  # resumed from a checkpoint written
             self._finish_scoring(trainer, pl_module)  # after the scoring epoch's last batch
-        if self._phase != "warmup" or epoch < self.mask_epoch:
+        first_scoring = self.mask_epoch - self.scoring_epochs + 1 if self.selector.needs_scoring else self.mask_epoch
+        if self._phase != "warmup" or epoch < first_scoring:
             return
         if self.selector.needs_scoring:
             self._begin_scoring(trainer, pl_module)
@@ -350,7 +382,7 @@ class SpartaMaskCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._phase == "scoring":
+        if self._phase == "scoring" and trainer.current_epoch >= self.mask_epoch:
             self._finish_scoring(trainer, pl_module)
 
     def _begin_scoring(
@@ -372,6 +404,7 @@ class SpartaMaskCallback(Callback):
             absolute=self.selector.scoring != "clipped",
             private=private,
             initial=initial,
+            train=self.train_while_scoring,
         )
         self._scoring_active = True
 
