@@ -174,3 +174,50 @@ def test_non_private_scoring_reports_infinite_epsilon(tmp_path):
     assert "true_abs_rows" in strategy.non_private_reason
     saved = torch.load(tmp_path / "sparta_mask.pt")
     assert saved["private"] is False
+
+
+# ------------------------------------------------------------------------------------ issue 11: ε where users look
+def test_epsilon_in_callback_metrics_and_bar_is_current_at_fit_end(tmp_path):
+    """callback_metrics['privacy/epsilon'] equals strategy.epsilon() at fit end; ModelCheckpoint can monitor it;
+    the bar shows ε in a run shorter than log_every_n_steps (12 steps < 50)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, seed=0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="privacy/epsilon", mode="max", save_top_k=1)
+    trainer = _trainer(
+        strategy,
+        max_epochs=3,
+        callbacks=[PrivacyBudgetCallback(), checkpoint],
+        enable_checkpointing=True,
+        log_every_n_steps=50,
+    )
+    trainer.fit(TinyModule(batch_size=6))
+    assert strategy.steps == 12
+    metrics = trainer.callback_metrics
+    assert float(metrics["privacy/epsilon"]) == strategy.epsilon()
+    assert float(metrics["privacy/steps"]) == 12
+    assert float(metrics["privacy/delta"]) == 1e-3
+    assert float(metrics["privacy/noise_multiplier"]) == strategy.noise_multiplier
+    assert "ε" not in metrics  # the short alias lives in the bar only
+    assert "epsilon" not in metrics
+    assert trainer.progress_bar_metrics["ε"] == strategy.epsilon()
+    assert float(checkpoint.best_model_score) == pytest.approx(strategy.epsilon())  # monitored at the last epoch
+
+
+def test_epsilon_is_current_when_validation_decides(tmp_path):
+    """With validation, ModelCheckpoint/EarlyStopping run after it: ε must already cover the epoch's steps."""
+    from lightning.pytorch.callbacks import Callback as _Callback
+
+    seen = []
+
+    class Probe(_Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.append((float(trainer.callback_metrics["privacy/epsilon"]), trainer.strategy.epsilon()))
+
+    strategy = DPStrategy(noise_multiplier=1.0, target_delta=1e-3, accountant="rdp", seed=0)
+    trainer = _trainer(strategy, max_epochs=2, callbacks=[PrivacyBudgetCallback(), Probe()], limit_val_batches=1)
+    trainer.fit(TinyModule(batch_size=6))
+    assert len(seen) == 2
+    for logged, exact in seen:
+        assert logged == exact

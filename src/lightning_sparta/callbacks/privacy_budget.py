@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_sparta.privacy.accountant import validate_delta
 from lightning_sparta.strategy import DPStrategy
 
+#: Key of ε in the loggers and ``trainer.callback_metrics`` (monitor it with ModelCheckpoint/EarlyStopping).
+EPSILON_KEY = "privacy/epsilon"
+#: The short alias of ε in the progress bar (the bar only).
+BAR_KEY = "ε"
+# Step-level ε evaluations are skipped while they would take more than this fraction of the training time.
+_MAX_OVERHEAD = 0.05
+
 
 class PrivacyBudgetCallback(Callback):
-    """Logs ε (with δ, σ, q and the step count) to every logger of the Trainer.
+    """Logs ε (with δ, σ, q and the step count) to every logger, the progress bar and ``callback_metrics``.
 
     ε is computed by the strategy's accountant over every private step so far (training steps and
-    SPARTA's scoring steps alike). With ``stop_at_epsilon`` the callback stops training *before* the
+    SPARTA's scoring steps alike). Where the values go, all under one key namespace:
+
+    * loggers: ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier``,
+      ``privacy/sample_rate`` and ``privacy/steps`` every ``log_every_n_steps`` optimizer steps and at
+      every epoch end;
+    * ``trainer.callback_metrics``: the same keys, current at every training and validation epoch end
+      and at the end of fitting, so ``ModelCheckpoint(monitor="privacy/epsilon")`` and
+      ``EarlyStopping(monitor="privacy/epsilon", ...)`` can use them;
+    * the progress bar: ``ε`` only (the short alias exists in the bar alone), the same exact value.
+
+    Every value is the accountant's own ε, never an estimate, cached by history (asking again for the
+    same steps, e.g. at the epoch end, after validation and in the summary, is free). Opacus' PRV
+    accountant costs 0.1-2 s of CPU per evaluation (more for longer runs), so the step-level evaluation
+    is also skipped while it would take more than 5% of the time spent training since the previous
+    one: live logging then never costs more than about 5% of the run, and the epoch-end and final
+    values are exact whatever happens in between.
+
+    With ``stop_at_epsilon`` the callback stops training *before* the
     step that would take ε above the budget: it checks the ε the next step would give, not the ε of
     the last one. At the end of fitting rank 0 prints a short privacy summary.
 
@@ -37,8 +64,9 @@ class PrivacyBudgetCallback(Callback):
     Args:
         delta: δ at which ε is reported; the strategy's ``target_delta`` by default.
         stop_at_epsilon: stop before exceeding this ε; ``None`` never stops.
-        log_every_n_steps: log every N optimizer steps; the Trainer's ``log_every_n_steps`` by
-            default. ε is also logged at every epoch end.
+        log_every_n_steps: log the exact ε to the loggers every N optimizer steps; the Trainer's
+            ``log_every_n_steps`` by default. ε is also logged at every epoch end, and the progress bar is
+            refreshed after every step whatever N is.
 
     Raises:
         ValueError: for a bad argument; when fitting starts, if ``min_epochs``/``min_steps`` of the
@@ -73,6 +101,8 @@ class PrivacyBudgetCallback(Callback):
         self._allowed_steps: int | None = None
         self._minimums_checked = False
         self._saved_minimums: tuple[int | None, int | None] | None = None  # (min_epochs, min_steps) lowered
+        self._last_cost = 0.0  # seconds the last ε evaluation that missed the cache took
+        self._last_publish: float | None = None  # time.perf_counter() after it; None: not yet in this fit
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -83,27 +113,48 @@ class PrivacyBudgetCallback(Callback):
             )
 
     def metrics(self, strategy: DPStrategy) -> dict[str, float]:
-        """The privacy metrics logged at each point: ε, δ, σ, q and the number of private steps."""
+        """The privacy metrics logged at each point: ε, δ, σ, q and the number of private steps.
+
+        ε is the accountant's exact value (cached by history: a second call for the same steps is free).
+        """
+        delta = self.delta if self.delta is not None else strategy.target_delta
         return {
-            "epsilon": strategy.epsilon(self.delta),
-            "privacy/delta": self.delta if self.delta is not None else strategy.target_delta,
+            EPSILON_KEY: strategy.epsilon(self.delta),
+            "privacy/delta": delta,
             "privacy/noise_multiplier": float(strategy.noise_multiplier or 0.0),
             "privacy/sample_rate": float(strategy.sample_rate or 0.0),
             "privacy/steps": float(strategy.steps),
         }
 
-    def _log(self, trainer: pl.Trainer) -> dict[str, float]:
-        metrics = self.metrics(trainer.strategy)
-        if trainer.is_global_zero:
+    def _publish(self, trainer: pl.Trainer, to_loggers: bool) -> dict[str, float]:
+        """Compute the exact metrics, put them in ``callback_metrics`` and the bar, and optionally log them."""
+        strategy: DPStrategy = trainer.strategy
+        start = time.perf_counter()
+        metrics = self.metrics(strategy)
+        cost = time.perf_counter() - start
+        if cost > 1e-3:  # not a cache hit: the cost of the next evaluation
+            self._last_cost = cost
+        self._last_publish = time.perf_counter()
+        # Written directly (not with `LightningModule.log`) so that they are current in every hook, on_fit_end
+        # included, and reach the loggers only once per point.
+        callback_metrics = trainer.callback_metrics
+        for key, value in metrics.items():
+            callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
+        trainer.progress_bar_metrics[BAR_KEY] = metrics[EPSILON_KEY]
+        if to_loggers and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         return metrics
+
+    def _log(self, trainer: pl.Trainer) -> dict[str, float]:
+        return self._publish(trainer, to_loggers=True)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._allowed_steps = None  # σ is resolved after the callbacks' on_train_start
         self._minimums_checked = False
         self.stopped_early = False
+        self._last_cost, self._last_publish = 0.0, None
 
     def _stop_if_next_step_exceeds(self, trainer: pl.Trainer) -> None:
         """Ask the Trainer to stop before the next step when that step would exceed the budget.
@@ -231,9 +282,16 @@ class PrivacyBudgetCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % every == 0:
-            epsilon = self._log(trainer)["epsilon"]
-            pl_module.log("epsilon", epsilon, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if self._last_publish is None:  # the first step of a fit: ε in the bar at once, even for short runs
+            self._publish(trainer, to_loggers=trainer.global_step % every == 0)
+        elif trainer.global_step % every == 0:
+            # Skip (all ranks alike) while the accountant would exceed _MAX_OVERHEAD of the training time.
+            since = time.perf_counter() - self._last_publish
+            affordable = self._last_cost <= _MAX_OVERHEAD * since
+            if trainer.world_size > 1:
+                affordable = bool(trainer.strategy.broadcast(affordable))
+            if affordable:
+                self._publish(trainer, to_loggers=True)
         self._stop_if_next_step_exceeds(trainer)
 
     @override
@@ -241,7 +299,18 @@ class PrivacyBudgetCallback(Callback):
         self._log(trainer)
 
     @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelCheckpoint/EarlyStopping run after validation when there is one: give them the current ε.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._publish(trainer, to_loggers=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(trainer, to_loggers=False)  # a run stopped mid-epoch (max_steps, budget) included
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(trainer, to_loggers=False)
         rank_zero_info(self.summary(trainer.strategy))
 
     @override
@@ -253,7 +322,7 @@ class PrivacyBudgetCallback(Callback):
     def summary(self, strategy: DPStrategy) -> str:
         """A short human-readable account of the privacy spent."""
         m = self.metrics(strategy)
-        eps = m["epsilon"]
+        eps = m[EPSILON_KEY]
         lines = [
             "Privacy summary",
             f"  ε = {eps:.3f} at δ = {m['privacy/delta']:g} ({strategy.accountant_name} accountant)"
@@ -267,4 +336,4 @@ class PrivacyBudgetCallback(Callback):
         return "\n".join(lines)
 
 
-__all__ = ["PrivacyBudgetCallback"]
+__all__ = ["BAR_KEY", "EPSILON_KEY", "PrivacyBudgetCallback"]

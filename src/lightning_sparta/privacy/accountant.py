@@ -8,12 +8,15 @@ Gaussian-DP CLT approximation) and keep their history format: a list of ``(σ, q
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Literal, get_args
 
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import gdp as gdp_analysis
+
+from lightning_sparta._logging import warn
 
 AccountantName = Literal["prv", "rdp", "gdp"]
 
@@ -25,6 +28,11 @@ _ACCOUNTANTS: dict[str, type[IAccountant]] = {
 
 # Opacus' own search bound for σ; a budget that needs more noise than this is unreachable in practice.
 _MAX_SIGMA = 1e6
+#: The largest ``target_epsilon`` accepted: e^100 ≈ 2.7e43 bounds nothing in practice, and the accountants
+#: become slow (PRV: tens of seconds per ε) and then overflow float64 as σ → 0.
+MAX_TARGET_EPSILON = 100.0
+# An ε this close to log(max float64) = 709.78 is an overflow artefact, not a bound.
+_OVERFLOW_EPSILON = 700.0
 
 
 def create_accountant(name: str) -> IAccountant:
@@ -74,7 +82,13 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
     for s, q, n in history:
         if n > 0:
             merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
-    history = [(s, q, n) for (s, q), n in merged.items()]
+    return _epsilon_of_merged(tuple((s, q, n) for (s, q), n in merged.items()), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of_merged(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """ε of a merged history, cached: asking twice for the same history (the epoch end, validation, the
+    summary, ``ModelCheckpoint``) costs one accountant evaluation (0.1-2 s of CPU for PRV)."""
     if not history:
         return 0.0
     if any(s == 0.0 for s, _, _ in history):
@@ -93,8 +107,13 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
             return 0.0
         if gdp_analysis.delta_eps_mu(eps=500.0, mu=mu) > delta:
             return math.inf
-    acc.history = history
-    return float(acc.get_epsilon(delta=delta))
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        # σ ≪ 1 makes the privacy-loss distributions overflow float64 (e^ε beyond 1.8e308): dozens of
+        # RuntimeWarnings and a meaningless ε near log(max float) = 709.8. Report that as inf, quietly.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        epsilon = float(acc.get_epsilon(delta=delta))
+    return math.inf if not epsilon < _OVERFLOW_EPSILON else epsilon
 
 
 def calibrate_noise_multiplier(
@@ -131,8 +150,7 @@ def calibrate_noise_multiplier(
     """
     if steps <= 0:
         raise ValueError(f"`steps` must be positive to calibrate σ, got {steps}.")
-    if not target_epsilon > 0:
-        raise ValueError(f"`target_epsilon` must be positive to calibrate σ, got {target_epsilon}.")
+    validate_target_epsilon(target_epsilon)
 
     def eps(sigma: float) -> float:
         return epsilon_for([(sigma, sample_rate, steps)], delta, accountant)
@@ -156,6 +174,41 @@ def calibrate_noise_multiplier(
     return high
 
 
+def validate_target_epsilon(target_epsilon: float) -> float:
+    """Check that ``0 < target_epsilon <= MAX_TARGET_EPSILON`` and return it as a float."""
+    ok = isinstance(target_epsilon, (int, float)) and not isinstance(target_epsilon, bool)
+    if not ok or not 0.0 < target_epsilon < math.inf:
+        raise ValueError(f"`target_epsilon` must be positive (a finite number > 0), got {target_epsilon!r}.")
+    if target_epsilon > MAX_TARGET_EPSILON:
+        raise ValueError(
+            f"`target_epsilon={target_epsilon:g}` is above {MAX_TARGET_EPSILON:g}: such an ε bounds nothing in "
+            f"practice (e^{MAX_TARGET_EPSILON:g} ≈ {math.exp(MAX_TARGET_EPSILON):.1e}), and calibrating σ for it "
+            "takes minutes before the accountants overflow. For a (nearly) non-private baseline give "
+            "`noise_multiplier` directly (e.g. 0.3), or `noise_multiplier=0` for none, and read ε off the summary."
+        )
+    return float(target_epsilon)
+
+
+def validate_epsilon_tolerance(tolerance: float | None, target_epsilon: float | None) -> float:
+    """The calibration tolerance: ``min(0.01, target_epsilon / 100)`` by default, else ``< target_epsilon / 10``.
+
+    Calibration may land up to ``tolerance`` below ``target_epsilon``; a loose tolerance would let the run
+    add more noise than the budget needs (e.g. tolerance 5 with target 2 ended at ε = 1.086).
+    """
+    if tolerance is None:
+        return 0.01 if target_epsilon is None else min(0.01, target_epsilon / 100)
+    ok = isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and math.isfinite(tolerance)
+    if not ok or tolerance <= 0:
+        raise ValueError(f"`epsilon_tolerance` must be a finite number > 0 or None, got {tolerance!r}.")
+    if target_epsilon is not None and tolerance >= 0.1 * target_epsilon:
+        raise ValueError(
+            f"`epsilon_tolerance={tolerance:g}` must be smaller than 10% of target_epsilon={target_epsilon:g} "
+            f"(< {0.1 * target_epsilon:g}): calibration may land that far below the target, spending less of "
+            "the budget than asked (more noise). Leave it at None (min(0.01, target_epsilon/100))."
+        )
+    return float(tolerance)
+
+
 def validate_delta(delta: float, name: str = "target_delta") -> float:
     """Check that δ lies in (0, 1) and return it as a float."""
     if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0.0 < delta < 1.0:
@@ -166,11 +219,13 @@ def validate_delta(delta: float, name: str = "target_delta") -> float:
 def warn_if_delta_too_large(delta: float, num_samples: int) -> None:
     """Warn when δ ≥ 1/n: such a δ allows mechanisms that publish a whole record."""
     if num_samples > 0 and delta >= 1.0 / num_samples:
-        warnings.warn(
+        # Attributed to the user's `trainer.fit(...)` line with a fresh registry: with `stacklevel` it pointed
+        # into strategy.py, where Python's default filter shows a message once per location, so a second run
+        # in the same process (a notebook cell run again) showed nothing.
+        warn(
             f"target_delta={delta:g} is not smaller than 1/n = 1/{num_samples}: a guarantee with "
             "δ ≥ 1/n is weak (it allows releasing a record outright). Use δ ≪ 1/n, e.g. 1/(10·n).",
             UserWarning,
-            stacklevel=3,
         )
 
 
@@ -178,10 +233,13 @@ ACCOUNTANT_NAMES: tuple[str, ...] = get_args(AccountantName)
 
 __all__ = [
     "ACCOUNTANT_NAMES",
+    "MAX_TARGET_EPSILON",
     "AccountantName",
     "calibrate_noise_multiplier",
     "create_accountant",
     "epsilon_for",
     "validate_delta",
+    "validate_epsilon_tolerance",
+    "validate_target_epsilon",
     "warn_if_delta_too_large",
 ]
