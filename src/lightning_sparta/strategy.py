@@ -20,7 +20,9 @@ the identical update, so the parameters stay identical without DDP's gradient al
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import sys
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,13 +33,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from opacus.accountants import IAccountant
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten, warn
 from lightning_sparta.privacy.accountant import (
     ACCOUNTANT_NAMES,
     AccountantName,
@@ -45,6 +48,8 @@ from lightning_sparta.privacy.accountant import (
     create_accountant,
     epsilon_for,
     validate_delta,
+    validate_epsilon_tolerance,
+    validate_target_epsilon,
     warn_if_delta_too_large,
 )
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
@@ -64,6 +69,10 @@ _CHECKPOINT_KEY = "lightning_sparta.dp_strategy"
 _SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
 # Lightning fills in max_epochs=1000 when neither max_epochs nor max_steps is given.
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+_PATHS_FILE = "per_sample_paths.txt"  # the full table of per-sample gradient paths, in the log directory
+_log = get_logger("strategy")
+# Set on the Trainer by DPStrategy when `fit` starts: whether the user left max_epochs unset.
+_MAX_EPOCHS_UNSET = "_lightning_sparta_max_epochs_unset"
 
 
 class DPStrategy(DDPStrategy):
@@ -94,7 +103,8 @@ class DPStrategy(DDPStrategy):
             neither in checkpoints or logs: nothing saved allows recomputing the noise. Runs are then
             not reproducible; a resumed run keeps its ε and sampler position but draws fresh
             randomness. Must be given with ``seed=None``.
-        epsilon_tolerance: how far below ``target_epsilon`` calibration may land.
+        epsilon_tolerance: how far below ``target_epsilon`` calibration may land; ``None`` (default):
+            ``min(0.01, target_epsilon / 100)``. Must be smaller than 10% of ``target_epsilon``.
         start_method: DDP launch method (``"popen"``, ``"spawn"``, ``"fork"``); see Lightning's DDP.
         process_group_backend: ``"gloo"`` or ``"nccl"``; chosen from the device when ``None``.
         timeout: DDP collective timeout.
@@ -113,6 +123,11 @@ class DPStrategy(DDPStrategy):
             never forming per-sample weight gradients; ``"auto"``: the same, but each layer takes the
             cheaper of a ghost and a materialised norm from its shapes. All three compute the same
             update; the path of every layer is in ``strategy.engine.summary()``.
+
+        privacy_state: continue the accountant history of earlier runs on the same private data: a dict
+            from :meth:`privacy_state` (e.g. ``DPStrategy(..., privacy_state=old.privacy_state())``), or the
+            path of a file holding one (``torch.save``) or of a Lightning checkpoint written with
+            ``DPStrategy``. See :meth:`load_privacy_state`.
 
     Raises:
         ValueError: for a bad argument; the message names it and the value found.
@@ -136,12 +151,13 @@ class DPStrategy(DDPStrategy):
         loss_reduction: Literal["mean", "sum"] = "mean",
         seed: int | None = None,
         secure_mode: bool = False,
-        epsilon_tolerance: float = 0.01,
+        epsilon_tolerance: float | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
         batchnorm: BatchNormMode = "freeze",
         clipping: ClippingMode = "per_sample",
+        privacy_state: dict[str, Any] | str | os.PathLike | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {
             "start_method": start_method,
@@ -166,8 +182,9 @@ class DPStrategy(DDPStrategy):
                 )
         if target_epsilon is not None:
             _check_number("target_epsilon", target_epsilon, minimum=0.0)
+            validate_target_epsilon(target_epsilon)  # at most MAX_TARGET_EPSILON, with a message saying why
         _check_number("max_grad_norm", max_grad_norm, minimum=0.0)
-        _check_number("epsilon_tolerance", epsilon_tolerance, minimum=0.0)
+        epsilon_tolerance = validate_epsilon_tolerance(epsilon_tolerance, target_epsilon)
         if accountant not in ACCOUNTANT_NAMES:
             raise ValueError(f"`accountant` must be one of {list(ACCOUNTANT_NAMES)}, got {accountant!r}.")
         if physical_batch_size is not None and (
@@ -225,6 +242,8 @@ class DPStrategy(DDPStrategy):
         self._in_training_step = False
         self._warned_local_reduce = False
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
+        if privacy_state is not None:
+            self.load_privacy_state(privacy_state)
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -275,7 +294,78 @@ class DPStrategy(DDPStrategy):
         history = [*self.accountant.history, (self._noise_multiplier, self.sample_rate, extra_steps)]
         return epsilon_for(history, delta, self.accountant_name)
 
+    def privacy_state(self) -> dict[str, Any]:
+        """The accountant history, to continue it in another strategy (``DPStrategy(privacy_state=...)``).
+
+        Holds the accountant's name, its ``(σ, q, steps)`` history and whether the run lost its guarantee;
+        no seed and no weights. Save it with ``torch.save`` if the next run is in another process.
+        """
+        return {
+            "accountant": self.accountant_name,
+            "history": [tuple(h) for h in self.accountant.history],
+            "non_private_reason": self._non_private_reason,
+        }
+
+    def load_privacy_state(self, state: dict[str, Any] | str | os.PathLike) -> None:
+        """Continue the accountant history of earlier runs: this strategy's ε then covers them too.
+
+        Differential privacy composes: every run on the same private data spends budget, and the ε of
+        all of them together is what the accountant computes over their joined histories (the sum of the
+        runs' ε values is a valid but looser bound). Seeding the history here makes ``epsilon()``, the
+        logs and ``PrivacyBudgetCallback(stop_at_epsilon=...)`` account for the whole sequence. With
+        ``target_epsilon``, σ is still calibrated for this fit's own steps; the banner says where the
+        total will end.
+
+        Args:
+            state: a dict from :meth:`privacy_state` (or :meth:`state_dict`), or the path of a file with
+                one (``torch.save``) or of a Lightning checkpoint written with ``DPStrategy``.
+
+        Raises:
+            ValueError: if the state was accounted with another accountant (histories of different
+                accountants do not compose), or has no accountant history; or if this strategy has
+                already taken steps.
+        """
+        if isinstance(state, (str, os.PathLike)):
+            loaded = torch.load(os.fspath(state), map_location="cpu", weights_only=False)
+            state = loaded.get(_CHECKPOINT_KEY, loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(state, dict) or "history" not in state or "accountant" not in state:
+            raise ValueError(
+                "`privacy_state` must be a dict from `DPStrategy.privacy_state()` (keys 'accountant', 'history'), "
+                f"or the path of a file or checkpoint holding one; got {type(state).__name__}."
+            )
+        if state["accountant"] != self.accountant_name:
+            raise ValueError(
+                f"`privacy_state` was accounted with accountant={state['accountant']!r}, this strategy uses "
+                f"{self.accountant_name!r}: histories of different accountants do not compose. Use "
+                f"DPStrategy(accountant={state['accountant']!r})."
+            )
+        if self.steps:
+            raise ValueError(
+                f"`load_privacy_state` needs a strategy that has not taken steps yet ({self.steps} accounted)."
+            )
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        if state.get("non_private_reason"):
+            self._non_private_reason = state["non_private_reason"]
+
     # ------------------------------------------------------------------------------ DDP plumbing
+    # `Trainer.fit` assigns the module to the strategy before `Trainer._run` replaces an unset max_epochs by
+    # Lightning's default (1000): the only point where the strategy can tell `max_epochs=1000` from "unset".
+    @property  # type: ignore[override]
+    def _lightning_module(self) -> pl.LightningModule | None:
+        return self.__dict__.get("_dp_lightning_module")
+
+    @_lightning_module.setter
+    def _lightning_module(self, module: pl.LightningModule | None) -> None:
+        self.__dict__["_dp_lightning_module"] = module
+        caller = sys._getframe(1)
+        trainer = caller.f_locals.get("self")
+        if module is not None and caller.f_code.co_name == "fit" and isinstance(trainer, pl.Trainer):
+            max_epochs = trainer.fit_loop.max_epochs
+            if max_epochs is None:
+                trainer.__dict__[_MAX_EPOCHS_UNSET] = True
+            elif max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS or not trainer.__dict__.get(_MAX_EPOCHS_UNSET):
+                trainer.__dict__[_MAX_EPOCHS_UNSET] = False  # set by the user (a refit keeps "unset")
+
     @override
     def _configure_launcher(self) -> None:
         if self.num_nodes * self.num_processes == 1:
@@ -501,11 +591,37 @@ class DPStrategy(DDPStrategy):
                 self.epsilon_tolerance,
             )
             self._noise_multiplier = float(self.broadcast(sigma))
-            rank_zero_info(
-                f"DPStrategy: σ = {self._noise_multiplier:.4f} reaches ε = {self.target_epsilon} at "
-                f"δ = {self.target_delta:g} after {steps} steps at q = {self.sample_rate:.5f} ({self.accountant_name})."
-            )
-        self._refresh_hooks(verbose=True)
+            info(_log, self._calibration_banner(steps))
+        self._refresh_hooks()
+        self._report_paths(trainer)
+
+    def _report_paths(self, trainer: pl.Trainer) -> None:
+        """A compact per-sample path summary on the console; the full table in the log directory and at DEBUG."""
+        table = self.engine.summary()
+        has_log_dir = bool(trainer.loggers)
+        log_dir = trainer.log_dir if has_log_dir else None  # a collective: every rank asks
+        where = " (full table: set the `lightning_sparta` logger to DEBUG)"
+        if log_dir is not None and trainer.is_global_zero:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, _PATHS_FILE)
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(table + "\n")
+            where = f" (full table: {path})"
+        info(_log, f"DPStrategy per-sample gradients{where}: " + self.engine.compact_summary())
+        debug(_log, "DPStrategy per-sample gradient paths:\n" + table)
+
+    def _calibration_banner(self, steps: int) -> str:
+        """What the calibrated plan reaches, computed by the accountant (never the target echoed back)."""
+        plan = [(self._noise_multiplier, self.sample_rate, steps)]
+        reached = epsilon_for(plan, self.target_delta, self.accountant_name)
+        text = (
+            f"DPStrategy: σ = {self._noise_multiplier:.4f} (calibrated for target_epsilon={self.target_epsilon:g}, "
+            f"tolerance {self.epsilon_tolerance:g}): {steps} steps at q = {self.sample_rate:.5f} reach "
+            f"ε = {reached:.4f} at δ = {self.target_delta:g} ({self.accountant_name})"
+        )
+        if self.steps:  # a history carried over (second fit, privacy_state): the accountant composes both
+            text += f"; with the {self.steps} steps already accounted, ε will end at {self.epsilon_after(steps):.4f}"
+        return text + "."
 
     def _check_resumed_plan(self, trainer: pl.Trainer) -> None:
         """Warn when a resumed run, longer than the one σ was calibrated for, will overshoot its target ε."""
@@ -514,7 +630,7 @@ class DPStrategy(DDPStrategy):
         remaining = max(0, self._planned_steps(trainer) - self.steps)
         final = self.epsilon_after(remaining)
         if final > self.target_epsilon * (1 + 1e-6):
-            rank_zero_warn(
+            rank_zero_user_warn(
                 f"DPStrategy: σ = {self._noise_multiplier:.4f} comes from the checkpoint, calibrated for a shorter "
                 f"run; the resumed run's {remaining} remaining steps will end at ε = {final:.3f} > target_epsilon="
                 f"{self.target_epsilon}. Resume with the original max_epochs/max_steps, or stop in time with "
@@ -524,7 +640,17 @@ class DPStrategy(DDPStrategy):
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
         per_epoch = trainer.num_training_batches
-        unbounded = max_epochs in (None, -1) or (max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1)
+        # None when fit was not entered through Trainer.fit (then 1000 with max_steps=-1 is ambiguous)
+        unset = trainer.__dict__.get(_MAX_EPOCHS_UNSET)
+        if max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1 and unset is None:
+            raise ValueError(
+                f"`target_epsilon` needs the length of the run, and max_epochs={max_epochs} is also what Lightning "
+                "puts in when neither max_epochs nor max_steps is set, so DPStrategy cannot tell whether you chose "
+                "it. Set `Trainer(max_steps=...)` too, or give `noise_multiplier` instead of `target_epsilon`."
+            )
+        unbounded = max_epochs in (None, -1) or (
+            max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1 and bool(unset)
+        )
         if unbounded and max_steps == -1:
             raise ValueError(
                 "`target_epsilon` needs the length of the run to calibrate σ: set `Trainer(max_epochs=...)` "
@@ -548,13 +674,11 @@ class DPStrategy(DDPStrategy):
         self._verify_next = True
         functorch = [p.module or "<root>" for p in self.engine.paths() if p.path == "functorch"]
         if verbose:
-            rank_zero_info("DPStrategy per-sample gradient paths:\n" + self.engine.summary())
+            debug(_log, "DPStrategy per-sample gradient paths:\n" + self.engine.summary())
         if functorch:
-            warnings.warn(
-                f"Per-sample gradients of {functorch} use the slow functorch fallback: no grad sampler is "
-                "registered for their exact type (see `opacus.grad_sample.register_grad_sampler`).",
-                UserWarning,
-                stacklevel=2,
+            warn(
+                f"Per-sample gradients of {shorten(functorch)} use the slow functorch fallback: no grad sampler "
+                "is registered for their exact type (see `opacus.grad_sample.register_grad_sampler`)."
             )
 
     # ------------------------------------------------------------------------------ the step
@@ -971,13 +1095,11 @@ def _expected_batch_size(dataloader: DataLoader) -> int:
     if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
         replaced.append(f"sampler {type(sampler).__name__}")
     if replaced:
-        warnings.warn(
+        warn(
             f"DPStrategy: the training DataLoader's {' and '.join(replaced)} is replaced by uniform Poisson "
             f"sampling with expected batch size {batch_size}: the privacy analysis needs every example to enter "
             "each batch independently with the same probability. Weighting, class balancing or any other "
-            "sampling order is not applied.",
-            UserWarning,
-            stacklevel=2,
+            "sampling order is not applied."
         )
     return batch_size
 

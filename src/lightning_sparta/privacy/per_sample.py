@@ -264,6 +264,32 @@ class PerSampleGradients:
         """Record, per parameter name, how the clipping engine took its norm (shown by :meth:`summary`)."""
         self._clipping_notes.update(notes)
 
+    def compact_summary(self) -> str:
+        """A few lines for the console: per path, how many modules take it, counted by module type.
+
+        The full table (:meth:`summary`, one row per module) is for files and ``DEBUG`` logging: a
+        ViT-tiny alone has 75 rows.
+        """
+        paths = self.paths()
+        by_path: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        notes: dict[str, int] = defaultdict(int)
+        for row in paths:
+            by_path[row.path][row.type] += 1
+            if row.note:
+                notes[row.note] += 1
+        tensors = sum(len(row.parameters) for row in paths)
+        lines = [f"{len(paths)} modules with trainable parameters ({tensors} tensors)"]
+        width = max((len(path) for path in by_path), default=0)
+        for path, types in by_path.items():
+            ranked = sorted(types.items(), key=lambda item: (-item[1], item[0]))
+            shown = ", ".join(f"{name} {count}" for name, count in ranked[:6])
+            more = f", {len(ranked) - 6} more types" if len(ranked) > 6 else ""
+            slow = "  <- slow fallback" if path == "functorch" else ""
+            lines.append(f"  {path.ljust(width)}  {sum(types.values()):4d}  ({shown}{more}){slow}")
+        if notes:
+            lines.append("  notes: " + ", ".join(f"{note} ({count})" for note, count in notes.items()))
+        return "\n".join(lines)
+
     def summary(self) -> str:
         """A readable table of :meth:`paths`."""
         rows = [("module", "type", "path", "parameters", "clipping", "note")]

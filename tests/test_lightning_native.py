@@ -1,0 +1,158 @@
+"""Issue 11: a Lightning-native experience.
+
+Calibration banners that say what the plan reaches, bounded tolerances and targets, the δ ≥ 1/n warning
+that user filters cannot hide, Trainer flags (explicit ``max_epochs=1000``, ``fast_dev_run``), continuing
+an accountant history across strategies, and readable console output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_sparta import DPStrategy, PrivacyBudgetCallback
+from lightning_sparta.privacy.accountant import MAX_TARGET_EPSILON, epsilon_for
+from test_strategy import TinyModule, _trainer
+
+
+class _Records(logging.Handler):
+    """Collects the messages of the `lightning_sparta` logger (whatever its handlers and propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def package_log():
+    logger = logging.getLogger("lightning_sparta")
+    handler = _Records()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+# ------------------------------------------------------------------------------------------ 2: banners
+def test_banner_prints_the_epsilon_the_plan_reaches(package_log):
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, epsilon_tolerance=0.15, seed=0)
+    _trainer(strategy, max_epochs=2).fit(TinyModule(batch_size=6))
+    (banner,) = [m for m in package_log.messages if "calibrated for target_epsilon" in m]
+    reached = float(re.search(r"reach ε = ([0-9.]+)", banner).group(1))
+    assert reached == pytest.approx(strategy.epsilon(), abs=1e-4)  # what the run ended at, not the target
+    assert 2.0 - 0.15 <= strategy.epsilon() <= 2.0
+
+
+@pytest.mark.parametrize(("tolerance", "target"), [(5.0, 2.0), (0.2, 2.0), (0.0, 2.0), (float("nan"), 2.0)])
+def test_epsilon_tolerance_is_bounded(tolerance, target):
+    with pytest.raises(ValueError, match="`epsilon_tolerance"):
+        DPStrategy(target_epsilon=target, epsilon_tolerance=tolerance)
+
+
+def test_default_tolerance_scales_with_small_targets():
+    assert DPStrategy(target_epsilon=0.1).epsilon_tolerance == pytest.approx(0.001)
+    assert DPStrategy(target_epsilon=8.0).epsilon_tolerance == 0.01
+
+
+@pytest.mark.parametrize("target", [1000.0, MAX_TARGET_EPSILON * 1.01])
+def test_absurd_target_epsilon_is_refused_at_once(target):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"`target_epsilon=.*noise_multiplier"):
+        DPStrategy(target_epsilon=target)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_delta_warning_points_at_the_users_line_and_survives_filters_on_lightning():
+    """δ ≥ 1/n must warn. It used to be attributed to `lightning_sparta.strategy`, so the common
+    `warnings.filterwarnings("ignore", module="lightning")` (a regex: it matches `lightning_sparta...` too)
+    silenced it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="lightning")
+        _trainer(DPStrategy(noise_multiplier=1.0, target_delta=0.5)).fit(TinyModule(batch_size=6))
+    (warning,) = [w for w in caught if "1/n" in str(w.message)]
+    assert warning.filename == __file__
+
+
+# ------------------------------------------------------------------------------------------ 3: Trainer flags
+class _StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_explicit_max_epochs_1000_is_not_taken_for_unset(package_log):
+    strategy = DPStrategy(target_epsilon=8.0, target_delta=1e-3, accountant="rdp", seed=0)
+    trainer = _trainer(strategy, max_epochs=1000, callbacks=[_StopAfterFirstEpoch()])
+    trainer.fit(TinyModule(batch_size=6))
+    (banner,) = [m for m in package_log.messages if "calibrated for target_epsilon" in m]
+    assert "4000 steps" in banner  # 1000 epochs of 4 Poisson steps
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unset_max_epochs_is_still_refused():
+    trainer = _trainer(DPStrategy(target_epsilon=1.0), max_epochs=None)
+    with pytest.raises(ValueError, match="max_epochs"):
+        trainer.fit(TinyModule(batch_size=6))
+
+
+def test_fast_dev_run_accounts_what_runs():
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, seed=0)
+    trainer = _trainer(strategy, fast_dev_run=True, max_epochs=None, callbacks=[PrivacyBudgetCallback()])
+    trainer.fit(TinyModule(batch_size=6))
+    assert strategy.steps == 1
+    assert strategy.epsilon() <= 2.0
+    assert float(trainer.callback_metrics["privacy/epsilon"]) == strategy.epsilon()
+
+
+# ------------------------------------------------------------------------------------------ 3: privacy_state
+def test_privacy_state_continues_the_history_across_strategies(tmp_path):
+    first = DPStrategy(noise_multiplier=1.0, target_delta=1e-3, accountant="rdp", seed=0)
+    _trainer(first, max_epochs=1).fit(TinyModule(batch_size=6))
+    torch.save(first.privacy_state(), tmp_path / "privacy.pt")
+    second = DPStrategy(
+        noise_multiplier=1.0, target_delta=1e-3, accountant="rdp", privacy_state=tmp_path / "privacy.pt"
+    )
+    assert second.steps == first.steps == 4
+    _trainer(second, max_epochs=1).fit(TinyModule(batch_size=6))
+    assert second.steps == 8
+    assert second.epsilon() == pytest.approx(epsilon_for([(1.0, 0.25, 8)], 1e-3, "rdp"))
+    assert second.epsilon() < 2 * first.epsilon()  # composition is tighter than adding the two ε values
+
+
+def test_privacy_state_refuses_another_accountant():
+    state = DPStrategy(noise_multiplier=1.0, accountant="rdp").privacy_state()
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        DPStrategy(noise_multiplier=1.0, accountant="prv", privacy_state=state)
+
+
+def test_privacy_state_from_a_checkpoint(tmp_path):
+    strategy = DPStrategy(noise_multiplier=1.0, target_delta=1e-3, accountant="rdp", seed=0)
+    trainer = _trainer(strategy, max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(TinyModule(batch_size=6))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    again = DPStrategy(noise_multiplier=2.0, accountant="rdp", privacy_state=checkpoint)
+    assert again.accountant.history == [(1.0, 0.25, 4)]
+
+
+# ------------------------------------------------------------------------------------------ 4: output
+def test_console_shows_a_compact_path_summary_and_debug_the_table(package_log, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = _trainer(DPStrategy(noise_multiplier=1.0, seed=0), logger=CSVLogger(tmp_path))
+    trainer.fit(TinyModule(batch_size=6))
+    (summary,) = [m for m in package_log.messages if m.startswith("DPStrategy per-sample gradients")]
+    assert "grad_sampler" in summary
+    assert "Linear 2" in summary
+    table = (tmp_path / "lightning_logs" / "version_0" / "per_sample_paths.txt").read_text()
+    assert "net.0" in table
+    assert "net.2" in table
