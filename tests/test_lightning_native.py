@@ -156,3 +156,97 @@ def test_console_shows_a_compact_path_summary_and_debug_the_table(package_log, t
     table = (tmp_path / "lightning_logs" / "version_0" / "per_sample_paths.txt").read_text()
     assert "net.0" in table
     assert "net.2" in table
+
+
+# ------------------------------------------------------------------------------------------ SpartaMaskCallback
+def _sparta_trainer(tmp_path, callback, **kwargs):
+    from test_sparta import SparseModule  # noqa: F401  (the module used below)
+
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    import lightning as L
+
+    return L.Trainer(strategy=DPStrategy(noise_multiplier=1.0, seed=3), callbacks=[callback], **{**defaults, **kwargs})
+
+
+def test_fast_dev_run_skips_the_sparta_schedule_with_a_notice(tmp_path, package_log):
+    from lightning_sparta import SpartaMaskCallback
+    from test_sparta import SparseModule
+
+    callback = SpartaMaskCallback(mask_epoch=5)
+    trainer = _sparta_trainer(tmp_path, callback, fast_dev_run=True, max_epochs=None)
+    trainer.fit(SparseModule())
+    assert trainer.strategy.steps == 1
+    assert callback.phase is None
+    assert callback.mask is None
+    assert any("fast_dev_run" in m and "skipped" in m for m in package_log.messages)
+
+
+def test_second_fit_with_a_new_callback_on_a_sparse_model_says_what_to_do(tmp_path):
+    from lightning_sparta import SpartaMaskCallback
+    from test_sparta import SparseModule
+
+    module = SparseModule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _sparta_trainer(tmp_path, SpartaMaskCallback(mask_epoch=0, selector="magnitude")).fit(module)
+    with pytest.raises(ValueError, match="already holds 2 sparse layer") as info:
+        _sparta_trainer(tmp_path, SpartaMaskCallback(mask_epoch=0, selector="magnitude")).fit(module)
+    assert "densify_" in str(info.value)
+    assert "ckpt_path" in str(info.value)
+
+
+def test_scoring_first_epoch_with_a_scheduler_does_not_warn_about_lr_scheduler_order(tmp_path):
+    from lightning_sparta import SpartaMaskCallback
+    from test_sparta import SparseModule
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sparta_trainer(tmp_path, SpartaMaskCallback(mask_epoch=0)).fit(SparseModule())
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_mask_file_goes_to_default_root_dir_without_logger(tmp_path, monkeypatch):
+    from lightning_sparta import SpartaMaskCallback
+    from test_sparta import SparseModule
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "root"
+    _sparta_trainer(root, SpartaMaskCallback(mask_epoch=0, selector="magnitude")).fit(SparseModule())
+    assert (root / "sparta_mask.pt").exists()
+    assert not list(cwd.iterdir())
+
+
+def test_compact_mask_summary_and_pictures(tmp_path, package_log):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_sparta import SpartaMaskCallback
+    from test_sparta import SparseModule
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _sparta_trainer(tmp_path, SpartaMaskCallback(mask_epoch=0, trainable_fraction=0.3), logger=logger).fit(
+        SparseModule()
+    )
+    (summary,) = [m for m in package_log.messages if m.startswith("SpartaMaskCallback: 'sparta' mask")]
+    assert len(summary.splitlines()) <= 3
+    assert "2 scored layers" in summary
+    table = (tmp_path / "tb" / "version_0" / "sparta_mask_table.txt").read_text()
+    assert "net.conv" in table
+    assert "net.fc" in table
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "sparta/kept_fraction" in events.Tags()["images"]  # the bar chart
+    image = events.Images("sparta/mask/net.fc")[0]  # Linear(96 -> 10): a [10, 96] weight
+    assert image.width == 384
+    assert 24 <= image.height <= 48  # aspect ratio kept (10:96), never squashed to a few pixels

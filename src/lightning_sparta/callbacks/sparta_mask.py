@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.layers import LayerScale, LayerScale2d
 from torch import nn
 from typing_extensions import override
 
+from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten
 from lightning_sparta.privacy.validation import validate_model
 from lightning_sparta.sparse import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear, sparsify_
 from lightning_sparta.sparse.layers import UnsupportedForwardError, check_dense
@@ -58,8 +58,12 @@ _KNOWN_TYPES: tuple[type[nn.Module], ...] = (
     MaskedConv2d,
 )
 _ROW_TYPES = {nn.Linear: RowSparseLinear, nn.Conv2d: RowSparseConv2d}
+_SPARSE_TYPES = (RowSparseLinear, RowSparseConv2d, MaskedLinear, MaskedConv2d)
+_log = get_logger("sparta_mask")
 _MASK_FILE = "sparta_mask.pt"
-_IMAGE_SIDE = 128  # mask images are average-pooled down to at most this many pixels per side
+_TABLE_FILE = "sparta_mask_table.txt"  # the full per-layer table, in the log directory
+_IMAGE_SIDE = 384  # the longer side of a mask image, in pixels (aspect ratio kept)
+_MIN_IMAGE_SIDE = 24  # the shorter side is at least this long
 
 
 class SpartaMaskCallback(Callback):
@@ -268,6 +272,7 @@ class SpartaMaskCallback(Callback):
         self._user_frozen: set[str] | None = None
         self._frozen_ids: set[int] = set()
         self._extra: dict[str, nn.Parameter] = {}
+        self._skipped = False  # Trainer(fast_dev_run=...): the schedule does not run
 
     # ------------------------------------------------------------------------------------ info
     @property
@@ -289,6 +294,15 @@ class SpartaMaskCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            return
+        self._skipped = bool(trainer.fast_dev_run)
+        if self._skipped:  # one batch to check the code runs: no schedule fits in it
+            info(
+                _log,
+                f"SpartaMaskCallback: Trainer(fast_dev_run={trainer.fast_dev_run!r}) runs "
+                f"{'one batch' if trainer.fast_dev_run is True else f'{trainer.fast_dev_run} batches'}; the SPARTA "
+                "schedule (warm-up, scoring, mask) is skipped and the module trains with its own trainable set.",
+            )
             return
         strategy = trainer.strategy
         self._strategy = strategy
@@ -316,7 +330,7 @@ class SpartaMaskCallback(Callback):
             and max_epochs >= 0
             and self.mask_epoch == max_epochs - 1
         ):
-            rank_zero_warn(
+            rank_zero_user_warn(
                 f"mask_epoch={self.mask_epoch} is the last epoch (max_epochs={max_epochs}): the mask is scored "
                 "but never trained."
             )
@@ -329,12 +343,24 @@ class SpartaMaskCallback(Callback):
             if isinstance(module, (RowSparseLinear, RowSparseConv2d, MaskedLinear, MaskedConv2d)):
                 _replace(pl_module, name, module.to_dense())
         self._swapped.clear()
+        foreign = [n for n, m in pl_module.named_modules() if isinstance(m, _SPARSE_TYPES)]
+        if foreign:
+            raise ValueError(
+                f"SpartaMaskCallback: the LightningModule already holds {len(foreign)} sparse layer(s) from an earlier "
+                f"SPARTA fit ({shorten(foreign)}), whose mask this callback does not have, so it cannot score or "
+                "select them again. To keep training the selected rows, pass the earlier fit's SpartaMaskCallback "
+                "again (it keeps its mask) or resume with `trainer.fit(..., ckpt_path=...)`, or fit without "
+                "SpartaMaskCallback (the rows stay trainable, the rest frozen). To choose a new mask from the "
+                "fine-tuned weights, make the model dense first: `lightning_sparta.sparse.densify_(module)`."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after `configure_optimizers` and after this callback's state was loaded from a
         # checkpoint, but before the optimizer state is restored: the swap is re-applied here, exactly
         # as in the original run, so the optimizer's param groups match the saved optimizer state.
+        if self._skipped:
+            return
         self._resolve_roles(pl_module)
         if self._phase is None:
             self._phase = "warmup"
@@ -355,7 +381,8 @@ class SpartaMaskCallback(Callback):
     # ------------------------------------------------------------------------------------ schedule
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._advance(trainer, pl_module)
+        if not self._skipped:
+            self._advance(trainer, pl_module)
 
     @override
     def on_train_batch_start(
@@ -363,7 +390,8 @@ class SpartaMaskCallback(Callback):
     ) -> None:
         # Lightning skips `on_train_epoch_start` of the epoch that follows a checkpoint written at the
         # last batch of an epoch; checking before every batch keeps the schedule right after such a resume.
-        self._advance(trainer, pl_module)
+        if not self._skipped:
+            self._advance(trainer, pl_module)
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move to the phase of the current epoch (does nothing when already there)."""
@@ -382,7 +410,7 @@ class SpartaMaskCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._phase == "scoring" and trainer.current_epoch >= self.mask_epoch:
+        if not self._skipped and self._phase == "scoring" and trainer.current_epoch >= self.mask_epoch:
             self._finish_scoring(trainer, pl_module)
 
     def _begin_scoring(
@@ -398,7 +426,7 @@ class SpartaMaskCallback(Callback):
         if not private:
             reason = f"the {self.selector.name!r} mask is selected from non-private (unclipped, noiseless) gradients"
             strategy.mark_not_private(reason)
-            rank_zero_warn(f"SpartaMaskCallback: {reason}; this run is NOT differentially private (ε = inf).")
+            rank_zero_user_warn(f"SpartaMaskCallback: {reason}; this run is NOT differentially private (ε = inf).")
         strategy.begin_scoring(
             scored,
             absolute=self.selector.scoring != "clipped",
@@ -407,6 +435,13 @@ class SpartaMaskCallback(Callback):
             train=self.train_while_scoring,
         )
         self._scoring_active = True
+        if not self.train_while_scoring:
+            # The scoring epoch takes no optimizer step but counts in the LR schedule (by design: the paper's
+            # T epochs include it). torch checks the first `lr_scheduler.step()` for an earlier optimizer
+            # step and would warn "Detected call of `lr_scheduler.step()` before `optimizer.step()`" when the
+            # scoring epoch comes first (mask_epoch=0): record that the schedule may advance.
+            for optimizer in trainer.optimizers:
+                optimizer._opt_called = True  # type: ignore[attr-defined]
 
     def _finish_scoring(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
@@ -498,10 +533,10 @@ class SpartaMaskCallback(Callback):
                     extra[pname] = p
         extra = _unique(extra)
         if extra:
-            rank_zero_warn(
+            rank_zero_user_warn(
                 f"SpartaMaskCallback: {len(extra)} trainable parameter(s) of modules it does not recognise train "
-                f"densely in every phase: {list(extra)}. Freeze them (`requires_grad_(False)`) before `fit` to "
-                "keep them fixed."
+                f"densely in every phase: {shorten(list(extra))}. Freeze them (`requires_grad_(False)`) before `fit` "
+                "to keep them fixed."
             )
         return extra
 
@@ -545,9 +580,9 @@ class SpartaMaskCallback(Callback):
                 dropped.append(f"{name} ({type(module).__name__})")
                 del self._scored[name]
         if dropped:
-            rank_zero_warn(
+            rank_zero_user_warn(
                 f"SpartaMaskCallback: {len(dropped)} layer(s) override forward with a function the sparse layers do "
-                f"not reproduce; they stay dense, frozen and unscored: {dropped}."
+                f"not reproduce; they stay dense, frozen and unscored: {shorten(dropped)}."
             )
 
     def _check_swappable(self, pl_module: pl.LightningModule) -> None:
@@ -616,7 +651,7 @@ class SpartaMaskCallback(Callback):
         if missing:
             raise ValueError(
                 f"The optimizer from `configure_optimizers` does not hold parameters that SpartaMaskCallback "
-                f"trains: {missing}. Give it every parameter (e.g. `self.parameters()`); parameters without a "
+                f"trains: {shorten(missing)}. Give it every parameter (e.g. `self.parameters()`); parameters without a "
                 "gradient are not updated."
             )
 
@@ -634,8 +669,8 @@ class SpartaMaskCallback(Callback):
             missing = [f"{name}.weight" for name in old if name not in places]
             if missing:
                 raise ValueError(
-                    f"The optimizer from `configure_optimizers` does not hold the weights to sparsify: {missing}. "
-                    "Give it every parameter of the module (e.g. `self.parameters()`)."
+                    "The optimizer from `configure_optimizers` does not hold the weights to sparsify: "
+                    f"{shorten(missing)}. Give it every parameter of the module (e.g. `self.parameters()`)."
                 )
         new_modules = sparsify_(pl_module, mask)
         self._swapped.update(new_modules)
@@ -680,6 +715,26 @@ class SpartaMaskCallback(Callback):
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, TensorBoardLogger):
                 self._log_tensorboard(logger, pl_module, scores, step)
+        table = self.mask_table()
+        where = " (full table: set the `lightning_sparta` logger to DEBUG)"
+        if trainer.loggers and log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, _TABLE_FILE)
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(table + "\n")
+            where = f" (full table: {path})"
+        info(
+            _log,
+            f"SpartaMaskCallback: {self.selector.name!r} mask at epoch {trainer.current_epoch}{where}: "
+            + self.mask_summary(),
+        )
+        debug(_log, f"SpartaMaskCallback: {self.selector.name!r} mask, every layer:\n{table}")
+        if self.save_mask:
+            self._save(trainer, log_dir)
+
+    def mask_table(self) -> str:
+        """One row per scored layer: name, type, weight shape, selection kind and the fraction that trains."""
+        fractions = self._kept_fractions()
         rows = [("layer", "type", "weight", "selection", "kept")]
         for name, module in self._scored.items():
             shape = "x".join(str(s) for s in module.weight.shape)
@@ -687,10 +742,33 @@ class SpartaMaskCallback(Callback):
             kind = "-" if selection is None else ("element" if selection.dtype == torch.bool else "rows")
             rows.append((name, type(module).__name__, shape, kind, f"{fractions[name]:.1%}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-        rank_zero_info(f"SpartaMaskCallback: {self.selector.name!r} mask at epoch {trainer.current_epoch}:\n{table}")
-        if self.save_mask:
-            self._save(trainer, log_dir)
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+    def mask_summary(self) -> str:
+        """A few lines: how many layers and weights train, by layer type and, weighted by size, per block."""
+        fractions = self._kept_fractions()
+        total = kept = 0
+        by_type: dict[str, int] = {}
+        blocks: dict[str, list[float]] = {}
+        for name, module in self._scored.items():
+            size = module.weight.numel()
+            total += size
+            kept += fractions[name] * size
+            kind = type(module).__name__
+            by_type[kind] = by_type.get(kind, 0) + 1
+            block = blocks.setdefault(_block_of(name), [0.0, 0.0])
+            block[0] += fractions[name] * size
+            block[1] += size
+        types = ", ".join(f"{kind} {count}" for kind, count in sorted(by_type.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"{len(self._scored)} scored layers ({types}); {kept / max(total, 1):.1%} of their weights train "
+            f"({round(kept):,} of {total:,})"
+        ]
+        per_block = [f"{block} {k / max(n, 1):.0%}" for block, (k, n) in blocks.items()]
+        if len(per_block) > 1:
+            shown = per_block if len(per_block) <= 16 else [*per_block[:12], f"... {len(per_block) - 12} more"]
+            lines.append("  kept per block: " + ", ".join(shown))
+        return "\n".join(lines)
 
     def _log_tensorboard(
         self,
@@ -715,10 +793,36 @@ class SpartaMaskCallback(Callback):
                 experiment.add_histogram(f"sparta/scores/{name}", values.float().cpu(), step)
             if selection.dtype == torch.bool:
                 grid = selection.reshape(out, -1).float()
-            else:
-                grid = torch.zeros(out, 1)
+            else:  # the weight read as [out, rest]: a selected row is a full white line
+                grid = torch.zeros(out, module.weight[0].numel())
                 grid[selection] = 1.0
             experiment.add_image(f"sparta/mask/{name}", _mask_image(grid), step, dataformats="HW")
+        figure = self._fraction_figure()
+        if figure is not None:
+            experiment.add_figure("sparta/kept_fraction", figure, step, close=True)
+
+    def _fraction_figure(self) -> Any:
+        """A horizontal bar chart of the fraction of each scored layer's weights that trains (``None`` if empty)."""
+        fractions = self._kept_fractions()
+        if not fractions:
+            return None
+        from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
+
+        names = list(fractions)
+        height = min(0.22 * len(names) + 1.2, 40.0)
+        figure = Figure(figsize=(7.0, height), dpi=100)
+        axes = figure.subplots()
+        positions = range(len(names))
+        axes.barh(positions, [fractions[n] for n in names], color="#3a7bd5", height=0.8)
+        axes.set_yticks(list(positions), names, fontsize=7 if len(names) > 30 else 9)
+        axes.invert_yaxis()  # the first layer on top, in model order
+        axes.set_xlim(0.0, 1.0)
+        axes.set_xlabel("fraction of the weight that trains")
+        axes.axvline(self.trainable_fraction, color="#d62728", linestyle="--", linewidth=1)
+        axes.set_title(f"{self.selector.name!r} mask: trainable_fraction = {self.trainable_fraction:g}", fontsize=10)
+        axes.grid(axis="x", alpha=0.3)
+        figure.tight_layout()
+        return figure
 
     def _save(self, trainer: pl.Trainer, log_dir: str | None) -> None:
         payload = {
@@ -762,7 +866,7 @@ class SpartaMaskCallback(Callback):
             )
         for name in ("mask_epoch", "trainable_fraction"):
             if state_dict.get(name) != getattr(self, name):
-                rank_zero_warn(
+                rank_zero_user_warn(
                     f"SpartaMaskCallback: the checkpoint was written with `{name}`={state_dict.get(name)!r}, this "
                     f"callback has {getattr(self, name)!r}; the checkpoint's phase and mask are kept."
                 )
@@ -801,13 +905,32 @@ def _unique(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
     return result
 
 
+def _block_of(name: str) -> str:
+    """The block a layer belongs to: its name up to the first numbered part (``blocks.3.attn.qkv`` -> ``blocks.3``),
+    else its first part (``patch_embed.proj`` -> ``patch_embed``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0] if len(parts) > 1 else name
+
+
 def _mask_image(grid: torch.Tensor) -> torch.Tensor:
-    """A ``[H, W]`` uint8 image (0-255) of a ``[out, cols]`` 0/1 grid, average-pooled to at most 128 px a side."""
-    height, width = min(grid.shape[0], _IMAGE_SIDE), min(grid.shape[1], _IMAGE_SIDE)
-    pooled = F.adaptive_avg_pool2d(grid[None, None], (height, width))[0, 0]
-    if pooled.shape[1] == 1:  # a row mask: draw each row as a short horizontal bar
-        pooled = pooled.expand(height, 8)
-    return (pooled * 255).round().to(torch.uint8)
+    """A ``[H, W]`` uint8 image (0-255) of a ``[out, cols]`` 0/1 grid, its aspect ratio kept.
+
+    The longer side is scaled to ``_IMAGE_SIDE`` pixels: small layers are enlarged (nearest neighbour, each entry
+    a sharp block) and large ones averaged down (grey = partly kept). The shorter side is at least
+    ``_MIN_IMAGE_SIDE`` pixels, so a very elongated layer stays visible.
+    """
+    rows, cols = grid.shape
+    scale = _IMAGE_SIDE / max(rows, cols)
+    height = max(_MIN_IMAGE_SIDE, round(rows * scale))
+    width = max(_MIN_IMAGE_SIDE, round(cols * scale))
+    image = grid[None, None].float()
+    # average down each axis that is longer than its target, then repeat up to the exact size
+    pooled = F.adaptive_avg_pool2d(image, (min(rows, height), min(cols, width)))
+    image = F.interpolate(pooled, size=(height, width), mode="nearest")[0, 0]
+    return (image * 255).round().to(torch.uint8)
 
 
 __all__ = ["SpartaMaskCallback"]

@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_sparta._logging import shorten
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm, freeze_batchnorm, has_running_statistics
 
 BatchNormMode = Literal["freeze", "refuse"]
@@ -56,7 +57,7 @@ def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> Non
     bad = incompatible_layers(model, batchnorm)
     if not bad:
         return
-    listed = ", ".join(f"{name or '<root>'} ({kind})" for name, kind in bad.items())
+    listed = shorten([f"{name or '<root>'} ({kind})" for name, kind in bad.items()])  # 65 on one line was unreadable
     fix = (
         "Replace it with GroupNorm, e.g. `opacus.validators.ModuleValidator.fix(model)` (which starts the new "
         "GroupNorm layers from fresh weights: the BatchNorm's pretrained affine parameters and running "
