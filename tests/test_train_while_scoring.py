@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparta import DPStrategy, SpartaMaskCallback
 from test_sparta import Net
+from test_strategy import _trainer
 
 SCORED = ("conv", "fc")
 
@@ -48,18 +49,6 @@ class PlainSGD(L.LightningModule):
         return DataLoader(self.data, batch_size=self.batch_size)
 
 
-def _trainer(strategy, callbacks, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return L.Trainer(strategy=strategy, callbacks=callbacks, **{**defaults, **kwargs})
-
-
 def test_scoring_step_trains_the_rest_with_the_clipped_sum_and_scores_with_abs():
     """σ = 0, q = 1, SGD lr = 1: one scoring step moves every non-scored parameter by -Σ_i c_i g_i / n and
     scores the scored weights with Σ_i c_i |g_i|, c_i from the joint norm over *all* trainable parameters."""
@@ -79,7 +68,7 @@ def test_scoring_step_trains_the_rest_with_the_clipped_sum_and_scores_with_abs()
     callback = SpartaMaskCallback(mask_epoch=0, trainable_fraction=0.5, train_while_scoring=True, save_mask=False)
     with pytest.warns(UserWarning, match="NOT differentially private"):
         strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
-    _trainer(strategy, [callback], max_epochs=2, max_steps=1).fit(module)
+    _trainer(strategy, callbacks=[callback], max_epochs=2, max_steps=1).fit(module)
 
     assert strategy.steps == 1
     after = dict(module.net.state_dict())
@@ -100,7 +89,7 @@ def test_scoring_without_training_leaves_the_rest_unchanged():
     module = PlainSGD()
     start = {k: v.detach().clone() for k, v in module.net.named_parameters()}
     callback = SpartaMaskCallback(mask_epoch=0, trainable_fraction=0.5, save_mask=False)
-    _trainer(DPStrategy(noise_multiplier=1.0), [callback], max_epochs=2, max_steps=1).fit(module)
+    _trainer(DPStrategy(noise_multiplier=1.0), callbacks=[callback], max_epochs=2, max_steps=1).fit(module)
     for name, value in module.net.state_dict().items():
         if name in start:
             assert torch.equal(value, start[name]), name
@@ -121,7 +110,7 @@ def test_several_scoring_epochs_cost_what_the_same_dp_sgd_epochs_cost(train):
         def on_train_epoch_end(self, trainer, pl_module):
             phases.append(callback.phase)
 
-    _trainer(strategy, [Phases(), callback], max_epochs=4).fit(module)
+    _trainer(strategy, callbacks=[Phases(), callback], max_epochs=4).fit(module)
     # epoch 0 warm-up, epochs 1-2 scoring, epoch 3 sparse (the phase seen before the callback's own epoch end)
     assert phases == ["warmup", "scoring", "scoring", "masked"]
     assert strategy.steps == 16
