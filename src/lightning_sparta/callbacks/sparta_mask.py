@@ -754,7 +754,7 @@ class SpartaMaskCallback(Callback):
             size = module.weight.numel()
             total += size
             kept += fractions[name] * size
-            kind = type(module).__name__
+            kind = type(module).__name__.removeprefix("RowSparse").removeprefix("Masked")  # the dense type
             by_type[kind] = by_type.get(kind, 0) + 1
             block = blocks.setdefault(_block_of(name), [0.0, 0.0])
             block[0] += fractions[name] * size
@@ -764,10 +764,16 @@ class SpartaMaskCallback(Callback):
             f"{len(self._scored)} scored layers ({types}); {kept / max(total, 1):.1%} of their weights train "
             f"({round(kept):,} of {total:,})"
         ]
-        per_block = [f"{block} {k / max(n, 1):.0%}" for block, (k, n) in blocks.items()]
+        split = [block.split(".") for block in blocks]
+        common = 0  # dotted components every block name starts with (e.g. "model"), shown once
+        while all(len(parts) > common + 1 and parts[common] == split[0][common] for parts in split):
+            common += 1
+        prefix = ".".join(split[0][:common]) if split else ""
+        cut = len(prefix) + 1 if prefix and len(blocks) > 1 else 0
+        per_block = [f"{block[cut:] or block} {k / max(n, 1):.0%}" for block, (k, n) in blocks.items()]
         if len(per_block) > 1:
             shown = per_block if len(per_block) <= 16 else [*per_block[:12], f"... {len(per_block) - 12} more"]
-            lines.append("  kept per block: " + ", ".join(shown))
+            lines.append(f"  kept per block{f' of {prefix}' if cut else ''}: " + ", ".join(shown))
         return "\n".join(lines)
 
     def _log_tensorboard(
@@ -907,12 +913,12 @@ def _unique(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
 
 def _block_of(name: str) -> str:
     """The block a layer belongs to: its name up to the first numbered part (``blocks.3.attn.qkv`` -> ``blocks.3``),
-    else its first part (``patch_embed.proj`` -> ``patch_embed``)."""
+    else its parent (``model.patch_embed.proj`` -> ``model.patch_embed``)."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
             return ".".join(parts[: i + 1])
-    return parts[0] if len(parts) > 1 else name
+    return name.rpartition(".")[0] or name
 
 
 def _mask_image(grid: torch.Tensor) -> torch.Tensor:
