@@ -27,6 +27,13 @@ Usage (a GPU and the internet; pretrained weights and CIFAR are downloaded on th
         --trainer.strategy.init_args.target_epsilon 4
     # CIFAR-100 with DeiT-Small (the head follows --data.dataset):
     python examples/cifar_deit_sparta.py --config examples/configs/cifar100_deit_small.yaml
+    # offline smoke run on a CPU (no download, about 25 s of CPU): generated 32 px images, a small random ViT
+    python examples/cifar_deit_sparta.py --config examples/configs/cifar10_deit_tiny.yaml \\
+        --data.synthetic true --model.pretrained false --trainer.accelerator cpu \\
+        --model.model_name vit_tiny_patch16_224 \\
+        --model.model_kwargs '{img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}' \\
+        --data.synthetic_size 64 --data.batch_size 16 --data.num_workers 0 \\
+        --trainer.strategy.init_args.physical_batch_size 8 --trainer.max_epochs 3 --sparta.mask_epoch 1
     # every option, and the full resolved configuration:
     python examples/cifar_deit_sparta.py --help
     python examples/cifar_deit_sparta.py --config examples/configs/cifar10_deit_tiny.yaml --print_config
@@ -57,15 +64,57 @@ would spend more than ``target_epsilon``.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sparta import DPStrategy, PrivacyBudgetCallback, SpartaMaskCallback
 from lightning_sparta.demo.cifar import CIFARDataModule, TimmClassifier, cifar_num_classes
 
-__all__ = ["SpartaCLI", "main"]
+__all__ = ["SpartaCLI", "SpartaMask", "main"]
+
+#: The strategy when the configuration names none: the paper's (ε, δ) = (2, 1e-5).
+DEFAULT_STRATEGY = {"class_path": "lightning_sparta.DPStrategy", "init_args": {"target_epsilon": 2.0}}
+
+# Sphinx markup of the docstrings that become the help: :class:`~a.b.C` -> C, ``x`` -> x.
+_SPHINX_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]*)``")
+
+
+class _PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the Sphinx markup of docstrings turned into plain text."""
+
+    def _expand_help(self, action: Any) -> str:
+        return _plain(super()._expand_help(action))
+
+    def _format_text(self, text: str) -> str:  # group descriptions (class docstrings)
+        return super()._format_text(_plain(text))
+
+    def start_section(self, heading: str | None) -> None:  # group titles (first docstring lines)
+        super().start_section(None if heading is None else _plain(heading))
+
+
+def _plain(text: str) -> str:
+    text = _SPHINX_ROLE.sub(lambda m: m.group(1).rpartition(".")[2], text)
+    return _LITERAL.sub(r"\1", text)
+
+
+class SpartaMask(SpartaMaskCallback):
+    """:class:`~lightning_sparta.SpartaMaskCallback` for the command line: ``head`` is a qualified module name.
+
+    Typed as a string, ``--sparta.head`` takes e.g. ``model.head`` (the timm model's classifier inside
+    ``TimmClassifier``); ``None`` finds it with ``get_classifier()``. The library's ``head`` also accepts a
+    module, which on the command line made the help list every ``nn.Module`` subclass.
+
+    Args:
+        head: qualified name of the classifier head, or None to find it with ``get_classifier()``.
+    """
+
+    def __init__(self, head: str | None = None, **kwargs: Any) -> None:
+        super().__init__(head=head, **kwargs)
 
 
 class SpartaCLI(LightningCLI):
@@ -81,13 +130,14 @@ class SpartaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the SPARTA and privacy callbacks, ``ckpt_path`` and the model/data links."""
-        parser.add_lightning_class_args(SpartaMaskCallback, "sparta")
+        parser.add_lightning_class_args(SpartaMask, "sparta")
         parser.add_lightning_class_args(PrivacyBudgetCallback, "privacy")
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="Checkpoint to resume fitting from (e.g. last.ckpt)."
         )
         parser.link_arguments("data.dataset", "model.num_classes", compute_fn=cifar_num_classes)
         parser.link_arguments("model.data_config", "data.model_data_config", apply_on="instantiate")
+        parser.set_defaults({"trainer.strategy": DEFAULT_STRATEGY})  # DP by default, not Lightning's 'auto'
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -115,7 +165,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         args=args,
         auto_configure_optimizers=False,  # the module's own SGD + warm-up + cosine
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__.split("\n\n")[0]},
+        parser_kwargs={"description": __doc__.split("\n\n")[0], "formatter_class": _PlainHelpFormatter},
     )
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     strategy = trainer.strategy

@@ -385,3 +385,30 @@ def test_timm_classifier_rejects_bad_arguments(kwargs: dict[str, Any], name: str
     """Each bad argument of TimmClassifier raises a ValueError naming it (no weights are downloaded)."""
     with pytest.raises(ValueError, match=f"`{name}"):
         TimmClassifier(**{"model_name": "vit_tiny_patch16_224", "pretrained": False, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------ issue 11: the CLI
+def test_help_is_readable(example: ModuleType, capsys: Any) -> None:
+    """--help was 2,048 lines (1,394 of them `--sparta.head` listing nn.Module subclasses), with Sphinx markup."""
+    with pytest.raises(SystemExit):
+        example.main(["--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) < 800
+    head = text[text.index("  --sparta.head") :].split("\n  --")[0]
+    assert len(head.splitlines()) <= 4  # a string name, not a list of every nn.Module subclass
+    assert "ReLU" not in head
+    for markup in (":class:", ":func:", ":meth:", "``"):
+        assert markup not in text
+
+
+def test_strategy_defaults_to_dp(example: ModuleType, tmp_path: Path) -> None:
+    """Without `trainer.strategy` in the configuration the CLI uses DPStrategy (ε = 2), not Lightning's 'auto'."""
+    args = [a for a in tiny_args(tmp_path) if a not in ("--config", str(CONFIG))]
+    args = [a for a in args if not a.startswith("--trainer.strategy.init_args.physical_batch_size")]
+    args += ["--trainer.max_epochs=2", "--data.dataset=cifar10", "--model.lr=0.01"]
+    args = [a for a in args if not a.startswith("--trainer.logger")]
+    result = example.main([*args, f"--trainer.default_root_dir={tmp_path}"])
+    strategy = result["trainer"].strategy
+    assert isinstance(strategy, DPStrategy)
+    assert strategy.target_epsilon == 2.0
+    assert result["epsilon"] <= 2.0
