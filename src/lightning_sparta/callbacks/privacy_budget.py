@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_sparta._logging import get_logger, info, rank_zero_user_warn
 from lightning_sparta.privacy.accountant import validate_delta
 from lightning_sparta.strategy import DPStrategy
 
@@ -22,6 +22,7 @@ EPSILON_KEY = "privacy/epsilon"
 BAR_KEY = "ε"
 # Step-level ε evaluations are skipped while they would take more than this fraction of the training time.
 _MAX_OVERHEAD = 0.05
+_log = get_logger("privacy")
 
 
 class PrivacyBudgetCallback(Callback):
@@ -171,7 +172,7 @@ class PrivacyBudgetCallback(Callback):
             return
         if not self.stopped_early:
             self.stopped_early = True
-            rank_zero_warn(
+            rank_zero_user_warn(
                 f"PrivacyBudgetCallback: stopping before step {strategy.steps + 1}: it would bring ε to "
                 f"{strategy.epsilon_after(1, self.delta):.3f} > stop_at_epsilon={self.stop_at_epsilon} "
                 f"(ε so far: {strategy.epsilon(self.delta):.3f})."
@@ -201,7 +202,7 @@ class PrivacyBudgetCallback(Callback):
             self._saved_minimums = (min_epochs, min_steps)
         fit_loop.min_epochs = None
         fit_loop.epoch_loop.min_steps = None
-        rank_zero_warn(
+        rank_zero_user_warn(
             f"PrivacyBudgetCallback: the Trainer's {' and '.join(unmet)} not met, but stop_at_epsilon="
             f"{self.stop_at_epsilon} takes precedence: training stops now."
         )
@@ -311,7 +312,7 @@ class PrivacyBudgetCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._publish(trainer, to_loggers=False)
-        rank_zero_info(self.summary(trainer.strategy))
+        info(_log, self.summary(trainer.strategy))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
