@@ -401,3 +401,37 @@ def test_conv_with_its_own_forward_stays_dense_with_a_warning(tmp_path) -> None:
     assert set(callback.scored_layers) == {"net.backbone.3", "net.neck"}
     assert type(module.net.backbone[0]) is StdConv2d
     assert torch.equal(module.net.backbone[0].weight, initial)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"in_channels": 6, "out_channels": 4, "kernel_size": 3, "padding": 1},
+        {"in_channels": 6, "out_channels": 6, "kernel_size": 3, "padding": 1, "groups": 6},  # depthwise
+        {"in_channels": 6, "out_channels": 12, "kernel_size": 3, "stride": 2, "groups": 3, "dilation": 2},
+        {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 1, "padding_mode": "circular"},
+        {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 2, "padding_mode": "reflect", "groups": 2},
+        {"in_channels": 4, "out_channels": 4, "kernel_size": (3, 2), "padding": "same", "padding_mode": "replicate"},
+        {"in_channels": 4, "out_channels": 8, "kernel_size": 2, "padding": "valid", "bias": False},
+    ],
+    ids=["dense", "depthwise", "grouped-strided-dilated", "circular", "reflect-grouped", "same-replicate", "valid"],
+)
+def test_dense_conv2d_sampler_matches_torch_func(kwargs):
+    """Our nn.Conv2d sampler (groups, padding modes, string padding) against torch.func per-sample gradients."""
+    from lightning_sparta.sparse.grad_samplers import compute_conv2d_grad_sample
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs).double()
+    x = torch.randn(5, conv.in_channels, 7, 6, dtype=torch.float64)
+    out = conv(x)
+    backprops = torch.randn_like(out)
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+
+    def one(p, xi, bi):
+        return (functional_call(conv, p, (xi[None],)) * bi[None]).sum()
+
+    expected = vmap(grad(one), in_dims=(None, 0, 0))(params, x, backprops)
+    got = compute_conv2d_grad_sample(conv, [x], backprops)
+    assert set(got) == set(conv.parameters())
+    for name, p in conv.named_parameters():
+        torch.testing.assert_close(got[p], expected[name], rtol=1e-9, atol=1e-9)

@@ -10,6 +10,8 @@ for the row-sparse layers it would miss the O(k) structure). Importing this modu
   entries (unstructured masks have no cheaper exact form).
 * ``timm.layers.Conv2dSame`` (dense, e.g. while scoring a ``tf_*`` EfficientNet): Opacus' conv
   sampler recognises only the exact ``nn.Conv2d`` type and would otherwise fall back to functorch.
+* ``nn.Conv2d`` itself, replacing Opacus' sampler: a grouped or depthwise conv costs ``1/groups`` of
+  Opacus' block-diagonal form, and ``padding_mode``/string padding are applied as the layer applies them.
 * ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d``: subclasses or
   custom modules that Opacus' exact-type lookup misses.
 
@@ -30,6 +32,7 @@ from torch import nn
 from lightning_sparta.sparse.layers import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear
 
 __all__ = [
+    "compute_conv2d_grad_sample",
     "compute_conv2d_same_grad_sample",
     "compute_layer_scale2d_grad_sample",
     "compute_layer_scale_grad_sample",
@@ -193,6 +196,59 @@ def compute_conv2d_same_grad_sample(
     grads = _bias_grads(layer, backprops, channels_last=False)
     if layer.weight.requires_grad:
         grads[layer.weight] = _dense_conv_weight_grads(layer, x, backprops).view(len(x), *layer.weight.shape)
+    return grads
+
+
+def _explicitly_padded(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input exactly as ``nn.Conv2d.forward`` convolves it with zero padding removed from the conv.
+
+    Handles ``padding="same"``/``"valid"`` and every ``padding_mode`` ("reflect", "replicate",
+    "circular" pad the input before the conv; Opacus' conv sampler ignores ``padding_mode``).
+    """
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return x
+        pads = []  # F.pad order: last dimension first
+        for k, d in zip(reversed(layer.kernel_size), reversed(layer.dilation), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    if layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    return F.pad(x, layer._reversed_padding_repeated_twice) if any(layer.padding) else x
+
+
+class _Unpadded:
+    """The geometry of a conv with its padding applied to the input beforehand (for :func:`_unfold`)."""
+
+    def __init__(self, layer: nn.Conv2d) -> None:
+        self.kernel_size, self.dilation, self.stride = layer.kernel_size, layer.dilation, layer.stride
+        self.padding, self.groups = 0, layer.groups
+
+
+@register_grad_sampler(nn.Conv2d)
+def compute_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> Grads:
+    """Per-sample gradients ``[B, out, C_in/groups, kH, kW]`` of a dense ``nn.Conv2d`` and ``[B, out]`` of its bias.
+
+    Replaces Opacus' conv sampler for ``nn.Conv2d``: that one correlates every output channel with
+    every input channel and keeps the block diagonal, ``groups`` times the work and memory a grouped
+    conv needs (a depthwise conv of 1,152 channels: 1,152 times), and it ignores ``padding_mode``.
+    Here each group's outputs meet only their group's input patches, and the input is padded exactly
+    as the layer pads it.
+
+    Args:
+        layer: The layer.
+        activations: ``[input]``, input of shape ``[B, C_in, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, out, H', W']``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = _explicitly_padded(layer, activations[0].to(backprops.dtype))
+    grads = _bias_grads(layer, backprops, channels_last=False)
+    if layer.weight.requires_grad:
+        weights = _dense_conv_weight_grads(_Unpadded(layer), x, backprops)  # type: ignore[arg-type]
+        grads[layer.weight] = weights.view(len(x), *layer.weight.shape)
     return grads
 
 
