@@ -1,8 +1,9 @@
 """Tests for ``benchmarks/accuracy.py`` and the function it shares with the main job, ``run_transfer``.
 
-The end-to-end test runs the benchmark's code path on fake, class-dependent Fashion-MNIST IDX files
-(a few hundred examples, 2 epochs, 1 pretraining epoch) with the cache in ``tmp_path``, so it
-touches neither the real data nor the user's cache.
+The benchmark's logic (arguments, method → config/callback options, the learning-rate search, the tables)
+runs against a stand-in for ``run_transfer``; one end-to-end test runs the real code path on fake,
+class-dependent Fashion-MNIST IDX files (a few hundred examples, the small ``gn_cnn`` model, 2 epochs) with
+the cache in ``tmp_path``, so it touches neither the real data nor the user's cache.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def fake_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({"physical_batch_size": 0}, "`physical_batch_size`"),
         ({"seed": -1}, "`seed`"),
         ({"warmup": "half"}, "`warmup`"),
+        ({"clipping": "fast"}, "`clipping`"),
+        ({"test_subset": 0}, "`test_subset`"),
+        ({"scoring_epochs": 4, "mask_epoch": 2}, "`scoring_epochs`"),
+        ({"scoring_epochs": 0}, "`scoring_epochs`"),
+        ({"selector": "all", "train_while_scoring": True}, "`train_while_scoring`"),
+        ({"selector": "magnitude", "scoring_epochs": 2}, "`train_while_scoring`/`scoring_epochs`"),
+        ({"train_while_scoring": 1}, "`train_while_scoring`"),
         ({"logger": "yes"}, "`logger`"),
     ],
 )
@@ -125,180 +133,227 @@ def test_main_job_front_end_defaults_are_the_config_defaults() -> None:
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
-def test_benchmark_plan_and_arguments(bench: ModuleType) -> None:
+def test_benchmark_arguments(bench: ModuleType) -> None:
     full = bench.parse_args([])
-    runs = bench.plan(full)
-    # 8 methods × 3 seeds, then sparta and magnitude at 4 more fractions × 3 seeds (0.2 is reused).
-    assert len(runs) == 8 * 3 + 2 * 4 * 3
-    assert len({r["key"] for r in runs}) == len(runs)
-    assert full.out_prefix.endswith("accuracy_cpu")
+    assert full.model == "efficientnet_lite0"
+    assert full.out_prefix.endswith("accuracy_effnet")
+    assert full.methods == [
+        "sparta",
+        "sparta_tws",
+        "sparta_tws_k",
+        "all",
+        "magnitude",
+        "bitfit",
+        "last",
+        "layers",
+        "random",
+    ]
+    assert len(full.seeds) >= 3
+    assert len(full.lrs) == 3
+    assert (full.epochs, full.mask_epoch) == (10, 2)  # the paper's T0/T = 1/5
+    assert (full.epsilon, full.delta) == (2.0, 1e-5)
+    # The search: every method × rate at the first seed; the table: every method × seed (seed 0 reused).
+    assert len(bench.tuning_plan(full)) == 9 * 3
+    assert len(bench.table_plan(full, bench.choose_lrs([], full))) == 9 * 3
     quick = bench.parse_args(["--quick"])
-    assert quick.out_prefix.endswith("accuracy_quick")
-    assert len(full.seeds) >= 3  # the method table needs at least 3 seeds
-    assert len(quick.seeds) < len(full.seeds)
-    assert quick.train_subset < full.train_subset
-    assert quick.epochs <= full.epochs
-    assert len(bench.plan(quick)) < len(runs)
-    # Schedules: the SPARTA schedule for the scored/random masks, epoch 0 for fixed sets and MP.
-    assert [bench.method_mask_epoch(m, 2) for m in bench.METHODS] == [2, 0, 0, 0, 0, 2, 2, 2]
+    assert quick.out_prefix.endswith("accuracy_effnet_quick")
+    assert len(quick.lrs) == 1
+    assert bench.tuning_plan(quick) == []
+    assert quick.epochs * quick.train_subset < full.epochs * full.train_subset
+    assert bench.parse_args(["--levers"]).out_prefix.endswith("accuracy_effnet_levers")
+    assert bench.parse_args(["--lr", "0.05"]).lrs == [0.05]
+    gn = bench.parse_args(["--model", "gn_cnn"])  # the old benchmark keeps its names and single rate
+    assert (gn.out_prefix.endswith("accuracy_cpu"), gn.lrs, gn.image_size) == (True, [0.1], 28)
+    assert bench.parse_args(["--model", "gn_cnn", "--quick"]).out_prefix.endswith("accuracy_quick")
     bad_command_lines = (
         ["--methods", "sparta,nope"],
+        ["--model", "resnet"],
         ["--fractions", "0.2,1.5"],
         ["--seeds", "0,0"],
+        ["--lrs", "0.1,0.1"],
+        ["--lrs", "0.1", "--lr", "0.1"],
         ["--epochs", "2", "--mask-epoch", "2"],
         ["--epochs", "3", "--mask-epoch", "2"],  # SPARTA's mask would be scored in the last epoch, never trained
-        ["--sweep-methods", "all"],  # a fixed set has no fraction
-        ["--train-subset", "400"],  # fewer examples than the batch size (500)
+        ["--sweep-methods", "all", "--fractions", "0.5"],  # a fixed set has no fraction
+        ["--train-subset", "100"],  # fewer examples than the batch size
+        ["--low-epsilon", "-1"],
+        ["--low-epsilon-methods", "nope"],
     )
     for bad in bad_command_lines:
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
-    bench.parse_args(["--methods", "all,bitfit", "--fractions", "", "--epochs", "3", "--mask-epoch", "2"])
 
 
-def test_benchmark_end_to_end(
-    bench: ModuleType, fake_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    prefix = tmp_path / "out" / "accuracy_test"
-    argv = [
-        "--methods", "sparta,oracle", "--seeds", "0", "--epochs", "2", "--mask-epoch", "0",
-        "--train-subset", "300", "--batch-size", "60", "--physical-batch-size", "60",
-        "--pretrain-epochs", "1", "--fraction", "0.2", "--fractions", "0.5",
-        "--data-dir", str(fake_data), "--out-prefix", str(prefix),
-    ]  # fmt: skip
-    bench.main(argv)
-
-    payload = json.loads(prefix.with_suffix(".json").read_text())
-    runs = {r["key"]: r for r in payload["runs"]}
-    assert set(runs) == {"sparta|0.2|0", "oracle|0.2|0", "sparta|0.5|0", "magnitude|0.5|0"}
-    for key, run in runs.items():
-        assert "error" not in run, (key, run.get("error"))
-        assert 0.0 <= run["test_acc"] <= 1.0
-        assert run["train_size"] == 300
-        assert run["test_size"] == 100
-        assert run["steps"] == 2 * run["steps_per_epoch"] == 2 * 5  # 300 / 60 Poisson steps per epoch
-        assert math.isfinite(run["epsilon_dp_sgd"])
-        assert 1.9 <= run["epsilon_dp_sgd"] <= 2.0
-    for key in ("sparta|0.2|0", "sparta|0.5|0", "magnitude|0.5|0"):
-        assert runs[key]["private"] is True
-        assert runs[key]["non_private_method"] is False
-        assert 1.9 <= runs[key]["epsilon"] <= 2.0  # calibrated to the target, never above it
-    oracle = runs["oracle|0.2|0"]
-    assert oracle["epsilon"] == "inf"
-    assert oracle["private"] is False
-    assert oracle["non_private_method"] is True
-    assert oracle["privacy"].startswith("NON-PRIVATE")
-    assert payload["non_private_methods"] == ["oracle"]
-    assert "non-private" in oracle["non_private_reason"]
-    # Same σ for every method (same T, q and ε); more rows kept means more trainable parameters.
-    assert len({run["noise_multiplier"] for run in runs.values()}) == 1
-    assert runs["sparta|0.2|0"]["trainable_params"] < runs["sparta|0.5|0"]["trainable_params"]
-    assert runs["sparta|0.5|0"]["trainable_param_fraction"] < 1.0
-    assert (runs["sparta|0.2|0"]["mask_epoch"], runs["magnitude|0.5|0"]["mask_epoch"]) == (0, 0)
-    assert payload["settings"]["train_subset"] == 300
-    assert payload["machine"]["cpu"]
-
-    text = prefix.with_suffix(".md").read_text()
-    assert "oracle (NON-PRIVATE)" in text
-    assert "**NON-PRIVATE**" in text
-    assert f"{100 * runs['sparta|0.2|0']['test_acc']:.2f} (1 seed)" in text
-    assert f"| {runs['sparta|0.2|0']['epsilon']:.3f} |" in text
-    assert "Machine: CPU " in text
-    assert "--methods sparta,oracle" in text
-    assert "| magnitude | 0.5 |" in text
-    png = prefix.with_name(prefix.name + "_vs_fraction.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size > 5000
-    assert f"]({png.name})" in text
-
-    # --resume runs nothing that is already there (a call to run_transfer would be recorded as an error).
-    def fail(*args, **kwargs):
-        raise AssertionError("--resume ran a run that was already in the JSON")
-
-    monkeypatch.setattr(lightning_sparta.demo, "run_transfer", fail)
-    again = bench.main([*argv, "--resume"])
-    assert [r["key"] for r in again["runs"]] == [r["key"] for r in payload["runs"]]
-    assert all("error" not in r for r in again["runs"])
-    assert again["command"] == payload["command"]
-    assert again["updated"] == payload["updated"]  # nothing ran: only the report was rebuilt
-    assert again["resumed_with"] == []
-    with pytest.raises(SystemExit):  # other settings: refuse to mix them with the stored runs
-        bench.main([*argv, "--resume", "--epsilon", "4"])
+def test_method_options_and_configs(bench: ModuleType) -> None:
+    """Each method's config: selector, schedule and the SpartaMaskCallback options; every one validates."""
+    args = bench.parse_args(["--lr", "0.03"])
+    expected = {
+        "sparta": ("sparta", 2, False, 1),
+        "sparta_tws": ("sparta", 2, True, 1),
+        "sparta_tws_k": ("sparta", 2, True, 3),
+        "all": ("all", 0, False, 1),
+        "magnitude": ("magnitude", 0, False, 1),
+        "bitfit": ("bitfit", 0, False, 1),
+        "last": ("last", 0, False, 1),
+        "layers": ("layers", 0, False, 1),
+        "random": ("random", 2, False, 1),
+        "dp_gradient": ("dp_gradient", 2, False, 1),
+        "oracle": ("oracle", 2, False, 1),
+    }
+    assert set(expected) == set(bench.METHODS)
+    for method, (selector, t0, tws, k) in expected.items():
+        run = bench._run(method, 0.2, 1, 0.03, 2.0, "table")
+        config = bench.transfer_config(args, run, "/tmp/unused")
+        got = (config.selector, config.mask_epoch, config.train_while_scoring, config.scoring_epochs)
+        assert got == (selector, t0, tws, k), method
+        assert (config.model, config.image_size, config.epochs, config.lr, config.seed) == (
+            "efficientnet_lite0", 32, 10, 0.03, 1)  # fmt: skip
+        assert (config.logger, config.checkpoint, config.validate) == (False, False, False)
+        assert (config.clipping, config.test_subset) == ("auto", 5000)
+        assert config.allow_non_private is (method == "oracle")
+    lever = {name: bench.lever_options(name, 2, 0.2) for name in bench.LEVERS}
+    assert lever["baseline"] == {**bench.method_options("sparta", 2), "warmup": "bitfit", "trainable_fraction": 0.2}
+    assert lever["warmup=full"]["warmup"] == "full"
+    assert lever["fraction=0.5"]["trainable_fraction"] == 0.5
+    assert (lever["scoring_epochs=T0+1"]["scoring_epochs"], lever["scoring_epochs=T0+1"]["train_while_scoring"]) == (
+        3, True)  # fmt: skip
+    for name, run in zip(bench.LEVERS, bench.levers_plan(args, 0.03), strict=False):
+        config = bench.transfer_config(args, run, "/tmp/unused")
+        assert {k: getattr(config, k) for k in lever[name]} == lever[name]
 
 
-def test_benchmark_report_statistics_and_failures(
-    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The tables from known per-run results (a stand-in for run_transfer): means, stds, ε, failures."""
+def _fake_result(config: TransferConfig) -> dict:
+    """What run_transfer returns, from a made-up accuracy: best at lr 0.03, ``all`` ahead, seeds apart."""
+    oracle = config.selector == "oracle"
+    acc = 0.7 - 4 * abs(config.lr - 0.03) + 0.01 * config.seed + (0.05 if config.selector == "all" else 0.0)
+    acc += 0.02 * config.train_while_scoring + 0.01 * (config.scoring_epochs > 1) - 0.1 * (config.epsilon < 2)
+    return {
+        "test_acc": acc,
+        "val_acc": acc + 0.001 if config.validate else None,
+        "test_loss": 1.0,
+        "epsilon": math.inf if oracle else config.epsilon - 0.002,
+        "epsilon_dp_sgd": config.epsilon - 0.002,
+        "delta": config.delta,
+        "private": not oracle,
+        "non_private_reason": "oracle mask" if oracle else None,
+        "noise_multiplier": 1.5,
+        "sample_rate": 0.1,
+        "steps": 100,
+        "steps_per_epoch": 10,
+        "train_size": config.train_subset,
+        "test_size": 10000,
+        "trainable_params": 1000 if config.selector != "all" else 4000,
+        "total_params": 4000,
+        "trainable_param_fraction": 0.25 if config.selector != "all" else 1.0,
+        "wall_time_s": 10.0 + config.seed,
+        "fit_time_s": 9.0,
+        "log_dir": None,
+        "global_rank": 0,
+    }
+
+
+def test_benchmark_search_table_and_report(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search picks each method's best validation rate; the table reuses the search's seed-0 run."""
     seen: list[TransferConfig] = []
 
     def fake_run_transfer(config: TransferConfig) -> dict:
         seen.append(config)
         if config.selector == "last":
             raise RuntimeError("boom")
-        oracle = config.selector == "oracle"
-        return {
-            "test_acc": 0.5 + 0.1 * config.seed + (0.01 if config.trainable_fraction == 0.5 else 0.0),
-            "test_loss": 1.0,
-            "epsilon": math.inf if oracle else 1.99 + 0.001 * config.seed,
-            "epsilon_dp_sgd": 1.99,
-            "delta": config.delta,
-            "private": not oracle,
-            "non_private_reason": "oracle mask" if oracle else None,
-            "noise_multiplier": 1.5,
-            "sample_rate": 0.05,
-            "steps": 160,
-            "steps_per_epoch": 20,
-            "train_size": config.train_subset,
-            "test_size": 5000,
-            "trainable_params": 1000,
-            "total_params": 4000,
-            "trainable_param_fraction": 0.25,
-            "wall_time_s": 10.0 + config.seed,
-            "fit_time_s": 9.0,
-            "log_dir": None,
-            "global_rank": 0,
-        }
+        return _fake_result(config)
 
     monkeypatch.setattr(lightning_sparta.demo, "run_transfer", fake_run_transfer)
-    monkeypatch.setattr(lightning_sparta.demo, "pretrain_public", lambda *args, **kwargs: tmp_path / "weights.pt")
     prefix = tmp_path / "acc"
     level = logging.getLogger("lightning.pytorch").level
-    argv = ["--methods", "sparta,last,magnitude,oracle", "--seeds", "0,1,2", "--fractions", "0.5"]
-    argv += ["--out-prefix", str(prefix)]
+    argv = ["--methods", "sparta,sparta_tws_k,all,last", "--lrs", "0.01,0.03,0.1", "--seeds", "0,1,2"]
+    argv += ["--low-epsilon", "1", "--out-prefix", str(prefix)]
     payload = bench.main(argv)
-    # 4 methods × 3 seeds, then sparta and magnitude at 0.5 × 3 seeds; every config as the schedules say.
-    assert len(seen) == len(payload["runs"]) == 4 * 3 + 2 * 3
-    by_selector = {c.selector: c for c in seen}
-    assert (by_selector["sparta"].mask_epoch, by_selector["oracle"].mask_epoch) == (2, 2)
-    assert (by_selector["magnitude"].mask_epoch, by_selector["last"].mask_epoch) == (0, 0)
-    assert by_selector["oracle"].allow_non_private is True
-    assert by_selector["sparta"].allow_non_private is False
-    assert {(c.epochs, c.train_subset, c.epsilon, c.batch_size, c.lr) for c in seen} == {(8, 10000, 2.0, 500, 0.1)}
-    assert {c.pretrain_seed for c in seen} == {0}
+    search = [c for c in seen if c.validate]
+    assert len(search) == 4 * 3
+    assert {c.seed for c in search} == {0}
+    # The best validation rate per method; last's search runs all failed: the grid's middle value.
+    assert payload["chosen_lrs"] == {"sparta": 0.03, "sparta_tws_k": 0.03, "all": 0.03, "last": 0.03}
+    table = [c for c in seen if not c.validate and c.epsilon == 2.0]
+    # Seeds 1 and 2 only: seed 0 is the search's run at the chosen rate (sparta_tws_k has selector sparta).
+    assert sorted((c.selector, c.seed) for c in table) == [
+        ("all", 1), ("all", 2), ("last", 1), ("last", 2), ("sparta", 1), ("sparta", 1), ("sparta", 2), ("sparta", 2)
+    ]  # fmt: skip
+    assert {(c.epochs, c.train_subset, c.batch_size, c.image_size) for c in seen} == {(10, 2000, 250, 32)}
+    low = [c for c in seen if c.epsilon == 1.0]
+    assert payload["low_epsilon_methods"] == ["all", "sparta_tws_k", "sparta"]  # the 3 best private methods
+    assert len(low) == 3 * 3
+    assert {c.lr for c in low} == {0.03}
 
     text = prefix.with_suffix(".md").read_text()
-    sparta_row = next(line for line in text.splitlines() if line.startswith("| sparta |"))
-    assert "| 60.00 ± 10.00 | 3 | 1.992 |" in sparta_row  # accuracies 0.5, 0.6, 0.7; ε the largest of the seeds
-    assert "1,000 (25.0%) | 11 |" in sparta_row  # mean wall time 10, 11, 12 s
-    oracle_row = next(line for line in text.splitlines() if line.startswith("| oracle (NON-PRIVATE) |"))
-    assert "∞, **NON-PRIVATE** mask (DP-SGD steps alone: 1.990)" in oracle_row
-    assert "failed: RuntimeError: boom" in next(line for line in text.splitlines() if line.startswith("| last |"))
-    assert "| sparta | 0.5 | 61.00 ± 10.00 | 3 | 25.0% |" in text
+    assert "**The privacy cost of this selection is not accounted**" in text
+    assert "NOT accounted" in payload["lr_selection"]
+    row = next(line for line in text.splitlines() if line.startswith("| all | all weights"))
+    assert "| 0.03 | 76.00 ± 1.00 | 3 | 1.998 |" in row, row  # 0.75, 0.76, 0.77; ε the largest over seeds
+    assert "4,000 (100.0%) | 11 |" in row
+    assert "failed: RuntimeError: boom" in next(line for line in text.splitlines() if line.startswith("| last | head"))
+    assert "## Learning-rate search" in text
+    assert "**70.1 (test 70.0)**" in text
+    assert "## Test accuracy at ε = 1" in text
     assert "## Failed runs" in text
-    stored = json.loads(prefix.with_suffix(".json").read_text())
-    assert sum("error" in r for r in stored["runs"]) == 3
-    assert prefix.with_name("acc_vs_fraction.png").is_file()
+    assert prefix.with_name("acc_vs_fraction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert logging.getLogger("lightning.pytorch").level == level  # the quiet mode does not outlive main()
 
     # --resume runs what is missing and what failed, nothing else.
-    stored["runs"] = [r for r in stored["runs"] if r["key"] != "sparta|0.5|1"]
+    stored = json.loads(prefix.with_suffix(".json").read_text())
+    stored["runs"] = [r for r in stored["runs"] if r["key"] != "all|-|lr=0.03|eps=2|seed=2"]
     prefix.with_suffix(".json").write_text(json.dumps(stored))
     before = len(seen)
     again = bench.main([*argv, "--resume"])
-    assert sorted((c.selector, c.seed) for c in seen[before:]) == [("last", 0), ("last", 1), ("last", 2), ("sparta", 1)]
-    assert seen[-1].trainable_fraction == 0.5
-    assert len(again["runs"]) == len(payload["runs"])
+    assert sorted((c.selector, c.seed, c.validate) for c in seen[before:]) == [
+        ("all", 2, False), ("last", 0, True), ("last", 0, True), ("last", 0, True),
+        ("last", 1, False), ("last", 2, False),
+    ]  # fmt: skip
     assert again["command"] == payload["command"]
     assert again["resumed_with"] == [shlex.join(["python", "benchmarks/accuracy.py", *argv, "--resume"])]
-    assert "; resumed with `python benchmarks/accuracy.py" in prefix.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # other settings: refuse to mix them with the stored runs
+        bench.main([*argv, "--resume", "--epochs", "5", "--mask-epoch", "1"])
+
+
+def test_benchmark_levers(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[TransferConfig] = []
+    monkeypatch.setattr(lightning_sparta.demo, "run_transfer", lambda c: seen.append(c) or _fake_result(c))
+    prefix = tmp_path / "acc_levers"
+    payload = bench.main(["--levers", "--seeds", "0,1", "--out-prefix", str(prefix)])
+    assert len(seen) == len(bench.LEVERS) * 2
+    assert payload["levers_lr"] == 0.03
+    assert "middle" in payload["levers_lr_source"]
+    text = prefix.with_suffix(".md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| train_while_scoring |"))
+    assert "| 72.50 ± 0.71 | 2 | +2.00 |" in row
+    # --report-only rebuilds the report from the JSON and runs nothing.
+    prefix.with_suffix(".md").unlink()
+    monkeypatch.setattr(lightning_sparta.demo, "run_transfer", lambda c: pytest.fail("--report-only ran something"))
+    assert len(bench.main(["--levers", "--seeds", "0,1", "--out-prefix", str(prefix), "--report-only"])["runs"]) == 16
+    assert prefix.with_suffix(".md").read_text() == text
+    assert "| mask_epoch=0 |" in text
+    assert "| fraction=0.05 |" in text
+
+
+def test_benchmark_end_to_end(bench: ModuleType, fake_data: Path, tmp_path: Path) -> None:
+    """The real code path on fake data and the small model: the new SpartaMaskCallback options arrive."""
+    prefix = tmp_path / "out" / "accuracy_test"
+    argv = [
+        "--model", "gn_cnn", "--methods", "sparta_tws_k,layers", "--seeds", "0", "--epochs", "3",
+        "--mask-epoch", "1", "--lrs", "0.05,0.1", "--train-subset", "300", "--batch-size", "60",
+        "--physical-batch-size", "60", "--pretrain-epochs", "1", "--fractions", "",
+        "--data-dir", str(fake_data), "--out-prefix", str(prefix),
+    ]  # fmt: skip
+    payload = bench.main(argv)
+    runs = payload["runs"]
+    assert len(runs) == 4  # 2 methods × 2 rates at seed 0, the table reuses the chosen ones
+    for run in runs:
+        assert "error" not in run, (run["key"], run.get("error"))
+        assert 0.0 <= run["val_acc"] <= 1.0
+        assert 0.0 <= run["test_acc"] <= 1.0
+        assert run["train_size"] == 300
+        assert run["steps"] == 3 * run["steps_per_epoch"]
+        assert 1.9 <= run["epsilon"] <= 2.0
+    assert len({run["noise_multiplier"] for run in runs}) == 1
+    text = prefix.with_suffix(".md").read_text()
+    assert "| sparta_tws_k |" in text
+    assert "| layers |" in text

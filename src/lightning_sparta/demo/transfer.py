@@ -36,6 +36,7 @@ from lightning_sparta.demo.models import ClassifierModule
 from lightning_sparta.demo.pretrain import load_pretrained, pretrain_public
 from lightning_sparta.demo.pretrained import efficientnet_lite0_imagenet
 from lightning_sparta.privacy.accountant import epsilon_for
+from lightning_sparta.privacy.clipping import CLIPPING_MODES
 from lightning_sparta.sparse import densify_
 from lightning_sparta.sparse.selectors import get_selector, registered_selectors
 from lightning_sparta.strategy import DPStrategy
@@ -109,6 +110,9 @@ class TransferConfig:
         epsilon: Target ε of the whole run (σ is calibrated for every step, scoring steps included).
         delta: δ of the guarantee.
         max_grad_norm: Clipping threshold ``C``.
+        clipping: How per-sample norms and clipped sums are computed (``DPStrategy(clipping=...)``):
+            ``"per_sample"`` (materialised per-sample gradients), ``"auto"`` or ``"ghost"`` (ghost norms and
+            book-keeping, faster for large layers); the same mechanism and ε either way.
         selector: Mask selector, a registered name (``sparta``, ``magnitude``, ``dp_gradient``, ``oracle``,
             ``random``, ``all``, ``last``, ``bitfit``).
         trainable_fraction: Fraction of the rows (row selectors) or entries (element selectors) of every
@@ -116,6 +120,11 @@ class TransferConfig:
         mask_epoch: ``T0``, the epoch at which the mask is chosen (scored, for data-driven selectors);
             ``0`` trains the selected set from the start.
         warmup: What trains before ``T0``: ``"bitfit"`` (DP-BitFit, the paper's practice) or ``"full"``.
+        train_while_scoring: Scoring epochs also train the always-trainable set from the same noisy
+            release (no epoch without updates, no extra privacy cost); see
+            :class:`~lightning_sparta.SpartaMaskCallback`. Only for scoring selectors.
+        scoring_epochs: Scores accumulate over this many epochs ending at ``mask_epoch`` (each accounted
+            like a DP-SGD epoch); needs ``scoring_epochs <= mask_epoch + 1``.
         epochs: ``T``, epochs in total.
         batch_size: Expected logical (Poisson) batch size ``q·n``.
         physical_batch_size: Micro-batch size (``None``: the whole logical batch in one pass).
@@ -124,6 +133,7 @@ class TransferConfig:
         lr_warmup_epochs: Linear learning-rate warm-up in epochs; ``None``: one epoch when ``epochs > 2``,
             else none (the main job's rule).
         train_subset: Use only this many private training examples (``None``: all of them).
+        test_subset: Test on a fixed random subset of this many test images (``None``: the whole test split).
         pretrain_epochs: ``gn_cnn`` only: epochs of the public pretraining (the cached weights are per epoch
             count, image size and seed).
         pretrain_seed: ``gn_cnn`` only: seed of the public pretraining; ``None`` uses ``seed``.
@@ -154,10 +164,13 @@ class TransferConfig:
     epsilon: float = 2.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    clipping: str = "per_sample"
     selector: str = "sparta"
     trainable_fraction: float = 0.2
     mask_epoch: int = 2
     warmup: Literal["bitfit", "full"] = "bitfit"
+    train_while_scoring: bool = False
+    scoring_epochs: int = 1
     epochs: int = 8
     batch_size: int = 500
     physical_batch_size: int | None = 250
@@ -165,6 +178,7 @@ class TransferConfig:
     momentum: float = 0.9
     lr_warmup_epochs: float | None = None
     train_subset: int | None = None
+    test_subset: int | None = None
     pretrain_epochs: int = 3
     pretrain_seed: int | None = None
     devices: int = 1
@@ -218,7 +232,7 @@ class TransferConfig:
         for name in ("epochs", "batch_size", "pretrain_epochs", "devices"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        for name in ("physical_batch_size", "train_subset"):
+        for name in ("physical_batch_size", "train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1, none_ok=True)
         if self.pretrain_seed is not None:
@@ -232,6 +246,13 @@ class TransferConfig:
                 f"`batch_size` ({self.batch_size}) must not exceed `train_subset` ({self.train_subset}): the "
                 "Poisson sampling rate is batch_size / number of training examples."
             )
+        if not _is_int(self.scoring_epochs) or not 1 <= self.scoring_epochs <= self.mask_epoch + 1:
+            raise ValueError(
+                f"`scoring_epochs` must be an integer in [1, mask_epoch + 1] = [1, {self.mask_epoch + 1}], "
+                f"got {self.scoring_epochs!r}."
+            )
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {self.clipping!r}.")
         if self.warmup not in ("bitfit", "full"):
             raise ValueError(f"`warmup` must be 'bitfit' or 'full', got {self.warmup!r}.")
         if self.selector not in registered_selectors():
@@ -240,6 +261,14 @@ class TransferConfig:
             raise ValueError(
                 f"`selector`={self.selector!r} chooses the mask without a DP guarantee: set "
                 "`allow_non_private=True` to run it (the run's ε is then reported as inf)."
+            )
+        scoring = get_selector(self.selector)
+        if (self.train_while_scoring is True or self.scoring_epochs > 1) and not (
+            scoring.needs_scoring and scoring.private
+        ):
+            raise ValueError(
+                "`train_while_scoring`/`scoring_epochs` need a selector with a private scoring epoch "
+                f"(e.g. 'sparta'), got {self.selector!r}."
             )
         for name in ("accelerator", "output", "experiment_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -316,7 +345,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
 
     Returns:
         A dict with ``model``, ``image_size`` and ``num_classes``; ``test_acc`` and ``test_loss`` (official
-        test split of the task's classes); ``epsilon``
+        test split of the task's classes); ``val_acc`` (the last epoch's accuracy on the validation split held
+        out of the training data, ``None`` when ``validate`` is False); ``epsilon``
         (ε reached at ``delta``; ``inf`` when the run is not private, e.g. with ``oracle``) and
         ``epsilon_dp_sgd`` (ε of the accounted steps alone, which differs from ``epsilon`` only for a
         non-private run); ``delta``; ``private`` and ``non_private_reason``; ``noise_multiplier`` (σ),
@@ -372,6 +402,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         target_epsilon=config.epsilon,
         target_delta=config.delta,
         max_grad_norm=config.max_grad_norm,
+        clipping=config.clipping,
         physical_batch_size=config.physical_batch_size,
     )
     sparta = SpartaMaskCallback(
@@ -379,6 +410,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         trainable_fraction=config.trainable_fraction,
         selector=config.selector,
         warmup=config.warmup,
+        train_while_scoring=config.train_while_scoring,
+        scoring_epochs=config.scoring_epochs,
         allow_non_private=config.allow_non_private,
         save_mask=config.save_mask,
     )
@@ -407,7 +440,11 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     fit_time = time.perf_counter() - fit_start
+    val_acc = trainer.callback_metrics.get("val_acc") if config.validate else None  # last epoch's, before testing
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if config.test_subset is not None and data.test_set is not None and config.test_subset < len(data.test_set):
+        keep = torch.randperm(len(data.test_set), generator=torch.Generator().manual_seed(0))[: config.test_subset]
+        data.test_set = torch.utils.data.Subset(data.test_set, keep.tolist())  # fixed: the same for every run
     test = trainer.test(module, datamodule=data, verbose=False)[0]
     densify_(module)  # back to a plain torch model, ready to export
     total = sum(p.numel() for p in module.parameters())
@@ -422,6 +459,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         "num_classes": data.num_classes,
         "test_acc": float(test["test_acc"]),
         "test_loss": float(test["test_loss"]),
+        "val_acc": None if val_acc is None else float(val_acc),
         "epsilon": epsilon,
         "epsilon_dp_sgd": epsilon_dp_sgd,
         "delta": config.delta,
