@@ -54,12 +54,15 @@ DP-BitFit warm-up, fraction 0.2) at one learning rate (``--lrs``' single value, 
 table chose for ``sparta``, else the grid's middle value): ``mask_epoch`` 0 and 1, ``warmup="full"``,
 ``train_while_scoring``, ``scoring_epochs = T0 + 1``, and fractions 0.05 and 0.5 (``accuracy_effnet_levers.*``).
 
-Sizing (EfficientNet-Lite0, 2 shared CPU cores, measured by ``--quick`` and by single runs): at 32 px a
-private epoch over 2,000 images costs about 25-40 s with per-sample gradients of every weight (``all``,
-scoring epochs) and less for the sparse phases, so a ``T = 10`` run takes 3-5 minutes. The full mode
-(2,000 private examples, 32 px, T = 10, T0 = 2, batch 250, 3 learning rates at seed 0, 3 seeds: 9 methods × 3
-rates + 9 × 2 seeds = 45 runs) therefore needs about 2-3 hours on 2 idle cores; ``--resume`` continues an
-interrupted run. See the module's ``FULL``/``QUICK`` and ``benchmarks/README.md`` for the figures measured.
+Sizing (EfficientNet-Lite0 at 32 px, ``--clipping auto``): the ``--quick`` runs (300 images, T = 5, 1,000 test
+images) took 240-350 s each on the shared 2-core machine under a load of 7-10, where this process got about
+half a core; on 2 idle cores that is roughly 60-90 s, i.e. about 35-50 ms per private example and epoch. The
+full mode (500 private examples, validation 50, T = 10, T0 = 2, batch 125 so q = 0.25 and 40 steps, 2,000
+test images, rates 0.01/0.03/0.1 searched at seed 0, seeds 0-2: 9 × 3 + 9 × 2 = 45 runs of about 3-4 min)
+is therefore estimated at **about 2-2.5 hours on 2 idle cores** (uncertain by up to a factor of 2: the
+speed was measured under load); ``--low-epsilon 1`` adds 9 runs and ``--levers`` 24. A larger, more
+telling setting (``--train-subset 2000 --batch-size 250``) costs about 4 times as much: use a GPU
+(``--accelerator gpu``) for it. ``--resume`` continues an interrupted run.
 
 Outputs under ``benchmarks/results/`` (``--out-prefix``): ``PREFIX.md`` (command, machine, settings, the
 search, the tables with mean ± std), ``PREFIX.json`` (every run, rewritten after each; ``--resume`` keeps the
@@ -141,15 +144,15 @@ PRETRAIN_SEED = 0
 FULL = {
     "efficientnet_lite0": {
         "seeds": "0,1,2",
-        "train_subset": 2000,
+        "train_subset": 500,
         "epochs": 10,
         "mask_epoch": 2,
         "fractions": "",
         "lrs": "0.01,0.03,0.1",
-        "batch_size": 250,
+        "batch_size": 125,
         "physical_batch_size": 125,
         "image_size": 32,
-        "test_subset": 5000,
+        "test_subset": 2000,
         "clipping": "auto",
     },
     "gn_cnn": {

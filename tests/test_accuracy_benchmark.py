@@ -209,7 +209,7 @@ def test_method_options_and_configs(bench: ModuleType) -> None:
         assert (config.model, config.image_size, config.epochs, config.lr, config.seed) == (
             "efficientnet_lite0", 32, 10, 0.03, 1)  # fmt: skip
         assert (config.logger, config.checkpoint, config.validate) == (False, False, False)
-        assert (config.clipping, config.test_subset) == ("auto", 5000)
+        assert (config.clipping, config.test_subset) == ("auto", 2000)
         assert config.allow_non_private is (method == "oracle")
     lever = {name: bench.lever_options(name, 2, 0.2) for name in bench.LEVERS}
     assert lever["baseline"] == {**bench.method_options("sparta", 2), "warmup": "bitfit", "trainable_fraction": 0.2}
@@ -278,7 +278,7 @@ def test_benchmark_search_table_and_report(bench: ModuleType, tmp_path: Path, mo
     assert sorted((c.selector, c.seed) for c in table) == [
         ("all", 1), ("all", 2), ("last", 1), ("last", 2), ("sparta", 1), ("sparta", 1), ("sparta", 2), ("sparta", 2)
     ]  # fmt: skip
-    assert {(c.epochs, c.train_subset, c.batch_size, c.image_size) for c in seen} == {(10, 2000, 250, 32)}
+    assert {(c.epochs, c.train_subset, c.batch_size, c.image_size) for c in seen} == {(10, 500, 125, 32)}
     low = [c for c in seen if c.epsilon == 1.0]
     assert payload["low_epsilon_methods"] == ["all", "sparta_tws_k", "sparta"]  # the 3 best private methods
     assert len(low) == 3 * 3
