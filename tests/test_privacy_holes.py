@@ -279,3 +279,24 @@ def test_default_loader_is_replaced_quietly():
         warnings.simplefilter("always")
         _trainer(strategy, max_steps=1).fit(TinyModule(batch_size=6))
     assert not [w for w in caught if "replaced" in str(w.message)]
+
+
+class _LoaderBuiltInConfigureOptimizers(_UserBatchSampler):
+    """`estimated_stepping_batches` in configure_optimizers builds the training loader during `setup`."""
+
+    def configure_optimizers(self):
+        steps = self.trainer.estimated_stepping_batches
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (steps + 1))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def test_loader_built_while_configuring_optimizers_gets_the_rate_and_the_secret_seed():
+    """The loader must see the user's batch_sampler and the strategy's (secure) sampling seed, not seed 0."""
+    strategy = DPStrategy(noise_multiplier=1.0, secure_mode=True)
+    trainer = _trainer(strategy, max_steps=1)
+    with pytest.warns(UserWarning, match=r"BatchSampler.*replaced"):
+        trainer.fit(_LoaderBuiltInConfigureOptimizers(dataset=_data(n=300)))
+    assert strategy.sample_rate == pytest.approx(30 / 300)
+    assert trainer.train_dataloader.batch_sampler.seed == strategy._seed
+    assert strategy._seed not in (None, 0)

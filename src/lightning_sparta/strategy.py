@@ -396,6 +396,11 @@ class DPStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._validate_trainer(trainer)
+            # Before the optimizers: `configure_optimizers` may build the training loader already (through
+            # `trainer.estimated_stepping_batches`), and that loader must get the strategy's sampling seed
+            # and the user's own batch size.
+            self._setup_randomness()
+            self._keep_users_training_sampler(trainer)
         if dist.is_available() and dist.is_initialized():
             super().setup(trainer)
         else:  # one process: nothing to synchronise
@@ -406,8 +411,6 @@ class DPStrategy(DDPStrategy):
                     f"DPStrategy supports exactly one optimizer (with any number of param groups), "
                     f"`configure_optimizers` returned {len(self.optimizers)}."
                 )
-            self._setup_randomness()
-            self._keep_users_training_sampler(trainer)
             self._broadcast_model()
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
