@@ -20,8 +20,10 @@ Half of the canaries are guessed (a quarter "in", a quarter "out"); both white-b
 a Bonferroni-corrected level, so every reported bound holds with ``--confidence``.
 
 Output: ``benchmarks/results/audit_cpu.md`` (the table and settings) and ``audit_cpu.json``.
-Usage: ``.venv/bin/python benchmarks/audit.py`` (about 3-4 minutes on 2 idle cores after the public
-model is cached; the first call pretrains it, about 30 s more).
+Usage: ``.venv/bin/python benchmarks/audit.py``. Measured: 32 min for the three runs (fits of 467, 792
+and 649 s) while the 2 cores ran 5-9 other jobs; the accuracy benchmark's 40-60 s per run of this size
+on idle cores suggests 3-4 minutes on an idle machine (not measured). The first call also pretrains the
+public model (530 s under the same load), cached afterwards.
 """
 
 from __future__ import annotations
