@@ -41,7 +41,7 @@ ROWS = (
 # DPStrategy(clipping=...) of a row, from its suffix: per-sample gradients (no suffix), mixed ghost
 # norms + book-keeping ("-bk", clipping="auto"), ghost norms everywhere ("-ghost", clipping="ghost")
 CLIPPING_SUFFIXES = {"-bk": "auto", "-ghost": "ghost"}
-MODELS = ("deit", "resnet")
+MODELS = ("deit", "resnet", "effnet")
 SPARSE_FRACTIONS = {"sparta-sparse-20%": 0.2, "sparta-sparse-1%": 0.01}
 SWEEP_BATCHES = (16, 32, 64, 128, 256)
 SWEEP_ROWS = ("non-private", "dpstrategy", "dpstrategy-bk")
@@ -146,6 +146,10 @@ def build_model(name: str, depth: int):
             num_classes=NUM_CLASSES,
             depth=depth,
         )
+    if name == "effnet":
+        # EfficientNet-Lite0 (random init; the main job's ImageNet weights do not change the cost): BatchNorm
+        # with frozen statistics under DPStrategy, depthwise convs, timm's Conv2dSame, in-place ReLU6.
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=NUM_CLASSES)
     # ResNet-18 from timm's ResNet class: GroupNorm(8, c) for every norm and out-of-place ReLUs and
     # residual adds. The full backward hooks of both Opacus and DPStrategy refuse an in-place change of a
     # hooked module's output, and timm's BasicBlock adds the shortcut in place to bn2's output.
