@@ -25,6 +25,7 @@ from lightning_sparta import DPStrategy, SpartaMaskCallback
 from lightning_sparta.privacy.batchnorm import FROZEN_STATS_NOTE, freeze_batchnorm, is_frozen
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.privacy.validation import IncompatibleModelError, incompatible_layers, prepare_model
+from test_strategy import _trainer
 
 N, SIDE, CLASSES = 6, 16, 5
 TOL = {"atol": 1e-5, "rtol": 1e-4}
@@ -85,20 +86,6 @@ class Classifier(L.LightningModule):
 
     def train_dataloader(self):
         return DataLoader(self.dataset, batch_size=self.batch_size)
-
-
-def _trainer(strategy: DPStrategy, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "max_epochs": 1,
-    }
-    return L.Trainer(strategy=strategy, **{**defaults, **kwargs})
 
 
 def _per_sample_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> dict[str, torch.Tensor]:

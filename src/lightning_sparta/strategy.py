@@ -799,19 +799,25 @@ class DPStrategy(DDPStrategy):
         parameter must be registered in a module and made trainable before the step starts.
         """
         hooked = {id(p) for p in self.engine.parameters}
-        names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         raw = [
-            names.get(id(p), f"param_groups[{g}]['params'][{i}] (shape {list(p.shape)}, not registered in the module)")
+            (g, i, p)
             for g, group in enumerate(optimizer.param_groups)
             for i, p in enumerate(group["params"])
             if p.grad is not None and id(p) not in hooked
         ]
         if raw:
+            names = {id(p): n for n, p in self.lightning_module.named_parameters()}  # only to word the error
+            culprits = [
+                names.get(
+                    id(p), f"param_groups[{g}]['params'][{i}] (shape {list(p.shape)}, not registered in the module)"
+                )
+                for g, i, p in raw
+            ]
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # never leave a raw gradient behind for a later step
             raise RuntimeError(
-                f"DPStrategy: {_listed(raw)} received a gradient that was not clipped or noised, so the "
+                f"DPStrategy: {_listed(culprits)} received a gradient that was not clipped or noised, so the "
                 "optimizer would apply the exact batch gradient. Parameters are made private only if they are "
                 "registered in the LightningModule (as attributes of modules, not in plain lists or dicts) "
                 "and trainable when `training_step` starts: change `requires_grad` in a callback hook such "
