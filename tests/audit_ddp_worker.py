@@ -10,37 +10,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_sparta import DPStrategy, SpartaMaskCallback
 from lightning_sparta.audit import PrivacyAuditCallback
 
-N, BATCH, CLASSES = 64, 16, 3
-
-
-class Module(L.LightningModule):
-    def __init__(self, dataset) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, CLASSES))
-        self.dataset = dataset
-
-    def forward(self, x):
-        return self.net(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.net[2]
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return DataLoader(self.dataset, batch_size=BATCH)
+# the single-process tests' module and sizes: the DDP run audits the same task (this script's folder is on sys.path)
+from test_audit import CLASSES, Module, N
 
 
 def main(out: Path, mode: str) -> None:
