@@ -202,8 +202,8 @@ def _audit(
         warnings.filterwarnings("ignore", message="noise_multiplier=0")
         strategy = DPStrategy(noise_multiplier=sigma, max_grad_norm=1.0, seed=2, accountant="rdp")
     if reuse_noise:  # the bug to catch: the same noise vector at every step
-        fresh, drawn = strategy._noise, {}
-        strategy._noise = lambda numel, device: drawn.setdefault(numel, fresh(numel, device))
+        fresh, drawn = strategy._standard_noise, {}
+        strategy._standard_noise = lambda numel, device: drawn.setdefault(numel, fresh(numel, device))
     callbacks = [audit, *([SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.5)] if sparta else [])]
     trainer = L.Trainer(
         strategy=strategy,

@@ -175,7 +175,9 @@ def test_secure_mode_noise_cannot_be_regenerated_from_the_seed():
 def test_secure_mode_noise_has_the_stated_distribution():
     """OS-entropy Gaussian noise: mean 0, std σ·C, Gaussian tails (Kolmogorov-Smirnov against N(0, 1))."""
     strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=0.5, secure_mode=True)
-    noise = strategy._noise(200_000, torch.device("cpu")).double()
+    strategy.parallel_devices = [torch.device("cpu")]  # as the Trainer sets it
+    (noise,) = strategy._released([torch.zeros(200_000)])  # what a step adds to a zero clipped sum
+    noise = noise.double()
     std = 2.0 * 0.5
     assert abs(noise.mean().item()) < 5 * std / math.sqrt(noise.numel())
     assert abs(noise.std().item() / std - 1) < 0.01  # relative standard error ≈ 0.16%
@@ -235,14 +237,14 @@ def test_bf16_true_clips_in_float32(clipping):
     with pytest.warns(UserWarning, match="NOT differentially private"):
         strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0, clipping=clipping)
     norms, dtypes = [], []
-    reduced = strategy._reduced
+    released = strategy._released
 
     def spy(tensors, noise=True):
         dtypes.extend(t.dtype for t in tensors)
         norms.append(torch.cat([t.double().flatten() for t in tensors]).norm().item())
-        return reduced(tensors, noise)
+        return released(tensors, noise)
 
-    strategy._reduced = spy
+    strategy._released = spy
     _trainer(strategy, max_steps=3, precision="bf16-true").fit(module)
     assert norms
     assert all(d == torch.float32 for d in dtypes), dtypes

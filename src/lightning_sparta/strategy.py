@@ -878,25 +878,34 @@ class DPStrategy(DDPStrategy):
                 "wrong). Their updates would not be private; freeze them or move their use into a module's forward."
             )
 
-    def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
-        """Gaussian noise of std σ·C, drawn on rank 0 only (zeros elsewhere)."""
+    def _standard_noise(self, numel: int, device: torch.device) -> torch.Tensor | None:
+        """``numel`` draws of N(0, 1) for the current step on rank 0, ``None`` elsewhere or when σ = 0."""
         if self.global_rank != 0 or not self._noise_multiplier:
-            return torch.zeros(numel, device=device)
-        std = self._noise_multiplier * self.max_grad_norm
+            return None
         if self.secure_mode:
-            return secure_normal(numel, device=device) * std
+            return secure_normal(numel, device=device)
         # keyed by the accounted step: a second fit or a resume continues the stream, never replays it
-        return step_noise(numel, self._seed or 0, self.steps, device=device) * std
+        return step_noise(numel, self._seed or 0, self.steps, device=device)
 
-    def _reduced(self, tensors: list[torch.Tensor], noise: bool = True) -> torch.Tensor:
-        """Flatten, add the noise once (unless ``noise=False``), and sum across ranks."""
-        flat = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
-        flat = flat.to(self.root_device)
-        if noise:
-            flat = flat + self._noise(flat.numel(), self.root_device)
-        if self.world_size > 1:
+    def _released(self, tensors: list[torch.Tensor], noise: bool = True) -> list[torch.Tensor]:
+        """The sums in float32 on the root device, plus ``N(0, σ²C²)`` once (unless ``noise=False``), all-reduced.
+
+        One noise vector covers all the tensors, in their order, drawn on rank 0 only. On a single
+        process nothing is concatenated: the noise is added to each sum in place (the sums are the
+        engine's own tensors, dropped after the step), which saves three passes over the model's size.
+        """
+        out = [t.to(device=self.root_device, dtype=torch.float32) for t in tensors]
+        if noise and out:
+            z = self._standard_noise(sum(t.numel() for t in out), self.root_device)
+            if z is not None:
+                std = self._noise_multiplier * self.max_grad_norm
+                for t, chunk in zip(out, z.split([t.numel() for t in out]), strict=True):
+                    t.add_(chunk.view_as(t), alpha=std)
+        if self.world_size > 1 and out:
+            flat = torch.cat([t.reshape(-1) for t in out])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        return flat
+            out = [chunk.view_as(t) for t, chunk in zip(out, flat.split([t.numel() for t in out]), strict=True)]
+        return out
 
     def add_clipped_sum_hook(
         self, fn: Callable[[list[nn.Parameter], list[torch.Tensor]], None], all_ranks: bool = False
@@ -933,9 +942,8 @@ class DPStrategy(DDPStrategy):
         for hook, all_ranks in list(self._clipped_sum_hooks):
             if all_ranks or self.global_rank == 0:
                 hook(params, sums)
-        flat = self._reduced(sums) / self.expected_batch_size
-        for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            p.grad = chunk.view_as(p).to(p.dtype)
+        for p, released in zip(params, self._released(sums), strict=True):
+            p.grad = released.div_(self.expected_batch_size).view_as(p).to(p.dtype)
         self._summed.clear()
 
     # ------------------------------------------------------------------------------ SPARTA scoring
@@ -1021,16 +1029,15 @@ class DPStrategy(DDPStrategy):
         scored = {id(p) for p in params}
         rest = [p for p in self.engine.parameters if id(p) not in scored] if self._score_train else []
         sums = [self._summed.get(p, torch.zeros_like(p)) for p in [*params, *rest]]
-        flat = self._reduced(sums, noise=self._score_private)
-        chunks = flat.split([p.numel() for p in [*params, *rest]])
+        chunks = self._released(sums, noise=self._score_private)
         for name, p, chunk in zip(names, params, chunks[: len(params)], strict=True):
             chunk = chunk.view_as(p)
-            self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk.clone()
+            self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk
         self._summed.clear()
         for p in self.engine.parameters:
             p.grad = None  # the scores never reach the optimizer
         for p, chunk in zip(rest, chunks[len(params) :], strict=True):
-            p.grad = (chunk / self.expected_batch_size).view_as(p).to(p.dtype)
+            p.grad = chunk.div_(self.expected_batch_size).view_as(p).to(p.dtype)
         return bool(rest)
 
     # ------------------------------------------------------------------------------ checkpoints
