@@ -51,18 +51,20 @@ The phases, one run after the other in this process (quiet: no logger, checkpoin
 3. optionally the profile (``--fractions``: ``sparta``/``magnitude`` at other trainable fractions) and
    ``--low-epsilon`` (the top methods, default the 3 best private ones, again at their rate, at a lower ε).
 
-``--levers`` instead measures SPARTA's schedule levers one at a time, from ``sparta`` (``T0`` = 2,
+``--levers`` instead measures SPARTA's schedule levers one at a time, from ``sparta`` (``T0`` = 1,
 DP-BitFit warm-up, fraction 0.2) at one learning rate (``--lrs``' single value, else the one the method
-table chose for ``sparta``, else the grid's middle value): ``mask_epoch`` 0 and 1, ``warmup="full"``,
-``train_while_scoring``, ``scoring_epochs = T0 + 1``, and fractions 0.05 and 0.5 (``accuracy_effnet_levers.*``).
+table chose for ``sparta``, else the grid's middle value): ``mask_epoch`` 0, 1 and 2 (all but the
+baseline's), ``warmup="full"``, ``train_while_scoring``, ``scoring_epochs = T0 + 1``, and fractions 0.05
+and 0.5 (``accuracy_effnet_levers.*``).
 
 Sizing (EfficientNet-Lite0 at 32 px, ``--clipping auto``, 2 idle cores): one run with 2,000 private examples,
 T = 10 and batch 250 took 136 s (``sparta``) and 198 s (``all``), i.e. about 7-10 ms of wall time per private
-example and epoch, test included. The full mode (1,000 private examples, validation 100, T = 10, T0 = 2,
-batch 125 so q = 0.125 and 80 steps, 2,000 test images, rates 0.01/0.03/0.1 searched at seed 0, seeds 0-2:
-8 × 3 + 8 × 2 = 40 runs of about 1-1.5 min) therefore takes about an hour; ``--low-epsilon 1`` adds 9 runs
-and ``--levers`` 24. A larger setting (``--train-subset 5000 --batch-size 500``) costs about 5 times as
-much: use a GPU (``--accelerator gpu``) for it. ``--resume`` continues an interrupted run.
+example and epoch, test included. The full mode (1,000 private examples, validation 100, T = 5, T0 = 1
+(the paper's T0/T = 1/5, at the main job's T), batch 125 so q = 0.125 and 40 steps, 2,000 test images, rates
+0.01/0.03/0.1 searched at seed 0, seeds 0-2: 8 × 3 + 8 × 2 = 40 runs of about a minute) therefore takes
+about 45 minutes; ``--low-epsilon 1`` adds 9 runs and ``--levers`` 24. A larger setting
+(``--train-subset 5000 --batch-size 500``) costs about 5 times as much: use a GPU (``--accelerator gpu``)
+for it. ``--resume`` continues an interrupted run.
 
 Outputs under ``benchmarks/results/`` (``--out-prefix``): ``PREFIX.md`` (command, machine, settings, the
 search, the tables with mean ± std), ``PREFIX.json`` (every run, rewritten after each; ``--resume`` keeps the
@@ -144,8 +146,8 @@ FULL = {
     "efficientnet_lite0": {
         "seeds": "0,1,2",
         "train_subset": 1000,
-        "epochs": 10,
-        "mask_epoch": 2,
+        "epochs": 5,
+        "mask_epoch": 1,
         "fractions": "",
         "lrs": "0.01,0.03,0.1",
         "batch_size": 125,
@@ -202,6 +204,7 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("sparta as the paper: DP-BitFit warm-up T0 ep, scoring 1 ep, fraction 0.2", {}),
     "mask_epoch=0": ("score in the first epoch, no warm-up", {"mask_epoch": 0}),
     "mask_epoch=1": ("one warm-up epoch", {"mask_epoch": 1}),
+    "mask_epoch=2": ("two warm-up epochs", {"mask_epoch": 2}),
     "warmup=full": ("warm-up trains every weight instead of DP-BitFit", {"warmup": "full"}),
     "train_while_scoring": ("the scoring epoch also trains the always-trainable set", {"train_while_scoring": True}),
     "scoring_epochs=T0+1": (
@@ -591,11 +594,21 @@ def low_epsilon_plan(args: argparse.Namespace, lrs: dict[str, float], methods: l
     ]
 
 
+def active_levers(mask_epoch: int) -> list[str]:
+    """The levers of :data:`LEVERS` that change something from a baseline with ``T0 = mask_epoch``.
+
+    Example:
+        >>> "mask_epoch=1" in active_levers(1), "mask_epoch=2" in active_levers(1)
+        (False, True)
+    """
+    return [lever for lever, (_, changes) in LEVERS.items() if changes.get("mask_epoch", -1) != mask_epoch]
+
+
 def levers_plan(args: argparse.Namespace, lr: float) -> list[dict[str, Any]]:
     """Every lever of :data:`LEVERS` (``sparta`` with one thing changed) at every seed, at one rate."""
     runs = []
     for seed in args.seeds:
-        for lever in LEVERS:
+        for lever in active_levers(args.mask_epoch):
             options = lever_options(lever, args.mask_epoch, args.fraction)
             fraction = options["trainable_fraction"]
             runs.append(_run("sparta", fraction, seed, lr, args.epsilon, "lever", lever=lever, options=options))
@@ -873,7 +886,10 @@ def levers_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "test accuracy % (mean ± std) | seeds | Δ vs baseline (points) | ε reached | mean wall time (s) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    groups = {lever: [r for r in runs if r.get("lever") == lever and "error" not in r] for lever in LEVERS}
+    groups = {
+        lever: [r for r in runs if r.get("lever") == lever and "error" not in r]
+        for lever in active_levers(args.mask_epoch)
+    }
     base = groups["baseline"]
     base_mean = statistics.fmean(r["test_acc"] for r in base) if base else None
     for lever, done in groups.items():
