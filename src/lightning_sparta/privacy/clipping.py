@@ -22,9 +22,10 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     product with per-sample scaled inputs, ``Σ_i c_i b_iᵀ a_i = bᵀ (c ⊙ a)`` (Bu et al. 2023,
     "book-keeping"): no second backward pass and no per-sample tensor. ``"auto"`` picks per layer the
     cheaper of the ghost norm and a materialised norm (Bu et al. 2022, "mixed ghost clipping"),
-    comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group; a materialised norm is computed in
-    chunks of samples and dropped, the sum still comes from the book-keeping product. ``"ghost"``
-    takes the ghost norm wherever a ghost form exists. Biases (``Σ_t b_i``), normalisation layers,
+    comparing ``T²(d_in + d_out)`` with ``1.5 · T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
+    measured by ``benchmarks/norm_paths.py``); a materialised norm is computed in chunks of samples
+    and dropped, the sum still comes from the book-keeping product. ``"ghost"`` takes the ghost norm
+    wherever a ghost form exists. Biases (``Σ_t b_i``), normalisation layers,
     ViT's broadcast ``cls_token``/``pos_embed`` and every layer without a ghost form keep their
     (cheap) per-sample gradients.
 
@@ -56,6 +57,13 @@ CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
 # Elements of one temporary (unfolded patches, Gram matrices, per-sample gradients) before a
 # computation is split into chunks of samples: 2**24 float32 values = 64 MiB.
 CHUNK_ELEMENTS = 2**24
+
+# Mixed ghost clipping compares multiply-adds, but the two paths do not run at the same speed: the
+# ghost norm's Gram matrices are small outputs, while materialising writes and reads a [B, d_out, d_in]
+# tensor. Measured by benchmarks/norm_paths.py on one CPU thread (batch 64, Linear and Conv2d layers
+# of DeiT-tiny, ResNet-18 and their row-sparse forms), the ghost norm was the faster one whenever it
+# needed at most about 1.5 times the multiply-adds, and the slower one from about 2 times.
+GHOST_ADVANTAGE = 1.5
 
 GhostForm = Callable[[nn.Module, list, torch.Tensor], list["_Term"]]
 _GHOST_FORMS: dict[type[nn.Module], tuple[GhostForm, Callable[[nn.Module], bool]]] = {}
@@ -176,10 +184,13 @@ class EmbeddingTerm(_Term):
 
 # ------------------------------------------------------------------------------------------ norms
 def _gemm_prefers_ghost(terms: list[GemmTerm]) -> bool:
-    """Mixed ghost clipping: the ghost norm costs ``G·T²·(P+O)``, a materialised one ``G·T·P·O``."""
+    """Mixed ghost clipping: the ghost norm costs ``G·T²·(P+O)``, a materialised one ``G·T·P·O``.
+
+    The ghost norm is taken up to :data:`GHOST_ADVANTAGE` times the materialised multiply-adds.
+    """
     _, _, _, p, o = terms[0].shape
     t = sum(term.shape[2] for term in terms)
-    return t * (p + o) <= p * o
+    return t * (p + o) <= GHOST_ADVANTAGE * p * o
 
 
 def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
