@@ -117,12 +117,15 @@ class DPStrategy(DDPStrategy):
             ordinary behaviour returns at teardown. ``"refuse"``: raise ``IncompatibleModelError``
             naming the BatchNorm layers. Layers without running statistics are refused either way.
         clipping: how per-sample norms and clipped sums are computed
-            (:mod:`lightning_sparta.privacy.clipping`). ``"per_sample"`` (default): every trainable
-            parameter gets a ``[B, *shape]`` per-sample gradient. ``"ghost"``: Linear, Conv2d, Embedding
-            and the row-sparse layers take ghost norms and one book-keeping product for the clipped sum,
-            never forming per-sample weight gradients; ``"auto"``: the same, but each layer takes the
-            cheaper of a ghost and a materialised norm from its shapes. All three compute the same
-            update; the path of every layer is in ``strategy.engine.summary()``.
+            (:mod:`lightning_sparta.privacy.clipping`). ``"auto"`` (default): Linear, Conv2d (grouped
+            included), timm's ``Conv2dSame``, Embedding and the row-sparse layers never form per-sample
+            weight gradients: each takes the cheaper of a ghost norm and a norm materialised one chunk
+            of samples at a time, and its clipped sum is one book-keeping product; the other layers
+            (norms, biases, ``cls_token``/``pos_embed``) keep exact per-sample gradients. ``"ghost"``:
+            the ghost norm wherever a layer has one. ``"per_sample"``: every trainable parameter gets a
+            ``[B, *shape]`` per-sample gradient (the reference; slower, B times the trainable size in
+            memory). All three compute the same update; the path of every layer is in
+            ``strategy.engine.summary()``.
 
         privacy_state: continue the accountant history of earlier runs on the same private data: a dict
             from :meth:`privacy_state` (e.g. ``DPStrategy(..., privacy_state=old.privacy_state())``), or the
@@ -156,7 +159,7 @@ class DPStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
         batchnorm: BatchNormMode = "freeze",
-        clipping: ClippingMode = "per_sample",
+        clipping: ClippingMode = "auto",
         privacy_state: dict[str, Any] | str | os.PathLike | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {

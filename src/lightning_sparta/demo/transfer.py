@@ -111,8 +111,8 @@ class TransferConfig:
         delta: δ of the guarantee.
         max_grad_norm: Clipping threshold ``C``.
         clipping: How per-sample norms and clipped sums are computed (``DPStrategy(clipping=...)``):
-            ``"per_sample"`` (materialised per-sample gradients), ``"auto"`` or ``"ghost"`` (ghost norms and
-            book-keeping, faster for large layers); the same mechanism and ε either way.
+            ``"auto"`` (the default: ghost norms and book-keeping where cheaper), ``"ghost"`` or
+            ``"per_sample"`` (materialised per-sample gradients); the same mechanism and ε either way.
         selector: Mask selector, a registered name (``sparta``, ``magnitude``, ``dp_gradient``, ``oracle``,
             ``random``, ``all``, ``last``, ``bitfit``).
         trainable_fraction: Fraction of the rows (row selectors) or entries (element selectors) of every
@@ -164,7 +164,7 @@ class TransferConfig:
     epsilon: float = 2.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    clipping: str = "per_sample"
+    clipping: str = "auto"
     selector: str = "sparta"
     trainable_fraction: float = 0.2
     mask_epoch: int = 2
