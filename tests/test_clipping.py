@@ -350,3 +350,26 @@ def test_sparta_run_matches_the_per_sample_engine(model_fn):
         assert torch.equal(found_mask[name], rows), name
     for name, value in expected.items():
         torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "inputs"),
+    [c for c in CASES if c[0].startswith("row-sparse")],
+    ids=[c[0] for c in CASES if c[0].startswith("row-sparse")],
+)
+def test_opacus_ghost_clipping_uses_the_row_sparse_norm_samplers(name, layer, inputs):
+    """Opacus' own ghost clipping (norm samplers by exact type) gets the row-sparse layers' norms right."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
+
+    assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[type(layer())].__name__ == "opacus_norm_sampler"
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(layer(), _Loss()).double()
+    x = inputs(g).double()
+    reference = _reference(model, x)
+    expected = torch.stack([v.flatten(1).square().sum(1) for v in reference.values()]).sum(0).sqrt()
+    # strict=False: the row-sparse layers keep the frozen weight and the rows as buffers
+    wrapped = GradSampleModuleFastGradientClipping(model[0], loss_reduction="sum", strict=False)
+    model[1](wrapped(x)).sum().backward()
+    torch.testing.assert_close(wrapped.get_norm_sample(), expected, rtol=1e-5, atol=1e-9)

@@ -47,6 +47,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
 
 from lightning_sparta.privacy.per_sample import PerSampleGradients
@@ -589,6 +590,10 @@ def _register_sparse_and_timm() -> None:
             rows_input, groups = module._row_inputs(x), module.num_rows
         return terms + _conv_terms(module, module.weight_rows, None, rows_input, selected, module.padding, groups)
 
+    # Opacus' own fast gradient clipping (``grad_sample_mode="ghost"``) looks norm samplers up by exact
+    # type too: give it the row-sparse layers' ghost norms (O(k), no per-sample gradient).
+    register_norm_sampler([RowSparseLinear, RowSparseConv2d])(opacus_norm_sampler)
+
     try:
         from timm.layers import Conv2dSame
         from timm.layers.padding import pad_same
@@ -603,6 +608,29 @@ def _register_sparse_and_timm() -> None:
         """timm's ``Conv2dSame``: the input padded with ``pad_same``, then a conv without padding."""
         x = pad_same(inputs[0], module.kernel_size, module.stride, module.dilation)
         return _conv_terms(module, module.weight, module.bias, x, grad_output, (0, 0), module.groups)
+
+
+def opacus_norm_sampler(
+    module: nn.Module, activations: list, backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms ``[B]`` of ``module``'s trainable parameters from its ghost form.
+
+    Opacus' norm-sampler signature (``opacus.grad_sample.register_norm_sampler``), registered for the
+    row-sparse layers so that Opacus' ghost clipping (``GradSampleModuleFastGradientClipping``,
+    ``PrivacyEngine.make_private(..., grad_sample_mode="ghost")``) handles them without per-sample
+    gradients. Each weight takes the cheaper of the ghost and the materialised norm, as under
+    ``DPStrategy(clipping="auto")``.
+    """
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    for term in _GHOST_FORMS[type(module)][0](module, activations, backprops):
+        if isinstance(term, GemmTerm):
+            squared = _gemm_squared_norms([term], _gemm_prefers_ghost([term]))
+        elif isinstance(term, EmbeddingTerm):
+            squared = _embedding_squared_norms([term])
+        else:
+            squared = _dense_squared_norms([term])
+        norms[term.param] = squared.sqrt()
+    return norms
 
 
 def _supports_embedding(module: nn.Embedding) -> bool:
@@ -636,5 +664,6 @@ __all__ = [
     "MaterialisingClipping",
     "create_clipping_engine",
     "has_ghost_form",
+    "opacus_norm_sampler",
     "register_ghost_form",
 ]
