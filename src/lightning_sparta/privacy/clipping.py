@@ -213,6 +213,13 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _gemm_materialised(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor:
+    """The per-sample gradient of samples ``lo:hi`` over all calls, ``[hi - lo, *param.shape]``."""
+    a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
+    b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
+    return torch.einsum("ngto,ngtp->ngop", b, a).reshape(hi - lo, *terms[0].param.shape)
+
+
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
@@ -236,6 +243,10 @@ class _Group:
     terms: list[_Term]
     module: str
     norm: str = ""
+    # the per-sample gradient ``[B, *param.shape]`` when its norm was materialised in one piece: kept
+    # for the clipped sum (cheaper than the book-keeping product for small weights such as depthwise
+    # filters) and for SPARTA's Σ c_i |g_i|, which would otherwise materialise it a second time
+    per_sample: torch.Tensor | None = None
 
 
 class ClippingEngine:
@@ -377,11 +388,18 @@ class GhostClipping(ClippingEngine):
 
     def squared_norms(self) -> torch.Tensor:
         total = super().squared_norms()
+        kept = 0  # elements of the per-sample gradients kept for the sums (at most CHUNK_ELEMENTS in all)
         for group in self._terms().values():
             terms = group.terms
             if isinstance(terms[0], GemmTerm):
                 ghost = not self.mixed or _gemm_prefers_ghost(terms)  # type: ignore[arg-type]
-                norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
+                batch, numel = terms[0].batch_size, terms[0].param.numel()
+                if not ghost and kept + batch * numel <= CHUNK_ELEMENTS:  # one piece: keep it for the sums
+                    kept += batch * numel
+                    group.per_sample = _gemm_materialised(terms, 0, batch)  # type: ignore[arg-type]
+                    norms = group.per_sample.flatten(1).square().sum(1)
+                else:
+                    norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
                 _, groups_, _, p, o = terms[0].shape  # type: ignore[attr-defined]
                 t = sum(term.shape[2] for term in terms)  # type: ignore[attr-defined]
                 group.norm = f"{'ghost' if ghost else 'materialised'} norm (T={t}, d_in={p}, d_out={o}"
@@ -420,7 +438,10 @@ class GhostClipping(ClippingEngine):
             if wanted is not None and id(p) not in wanted:
                 continue
             c = torch.ones_like(factors) if id(p) in unclipped_ids else factors
-            if id(p) in absolute_ids:  # Σ_i c_i |g_i| has no product form: materialise, in chunks of samples
+            if group.per_sample is not None:  # materialised for the norm already
+                per_sample = group.per_sample.abs_() if id(p) in absolute_ids else group.per_sample
+                _add(sums, p, torch.einsum("i,i...->...", c.to(per_sample.dtype), per_sample))
+            elif id(p) in absolute_ids:  # Σ_i c_i |g_i| has no product form: materialise, in chunks of samples
                 total = None
                 per_sample = p.numel() * 2
                 for lo, hi in _chunks(group.terms[0].batch_size, per_sample):
