@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 1 with --quick)")
     parser.add_argument("--batch-size", type=int, default=64, help="(expected) batch size B")
     parser.add_argument("--dataset-size", type=int, default=1024, help="N: DPStrategy samples with q = B/N")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the random input images (default 32)")
     parser.add_argument("--depth", type=int, default=None, help="DeiT depth (default 12, 2 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda if available")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every row")
@@ -245,7 +246,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         sparsify_randomly(model, SPARSE_FRACTIONS[base_row], args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    images = torch.randn(args.dataset_size, 3, 32, 32)
+    images = torch.randn(args.dataset_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, NUM_CLASSES, (args.dataset_size,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True)
 
@@ -378,7 +379,7 @@ def _child_command(args: argparse.Namespace, model: str, row: str, result_file: 
     command += ["--model", model, "--row", row, "--result-file", result_file]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     command += ["--dataset-size", str(args.dataset_size), "--depth", str(args.depth), "--device", args.device]
-    command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    command += ["--threads", str(args.threads), "--seed", str(args.seed), "--image-size", str(args.image_size)]
     return command + (["--profile"] if args.profile else [])
 
 
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"device={args.device} ({machine}), torch {torch.__version__}, threads={args.threads}, "
         f"batch={args.batch_size}, N={args.dataset_size}, warmup={args.warmup}, steps={args.steps}, "
-        f"DeiT depth={args.depth}"
+        f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}"
     )
     print(header, flush=True)
     results = []
