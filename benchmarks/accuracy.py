@@ -211,6 +211,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "train while scoring, scores over the whole warm-up",
         {"train_while_scoring": True, "scoring_epochs": None},
     ),
+    "mask_epoch=2+train_while_scoring": (
+        "the two levers that helped, together: two warm-up epochs, and the scoring epoch trains",
+        {"mask_epoch": 2, "train_while_scoring": True},
+    ),
     "fraction=0.05": ("5% of the rows", {"trainable_fraction": 0.05}),
     "fraction=0.5": ("50% of the rows", {"trainable_fraction": 0.5}),
 }
@@ -601,7 +605,7 @@ def active_levers(mask_epoch: int) -> list[str]:
         >>> "mask_epoch=1" in active_levers(1), "mask_epoch=2" in active_levers(1)
         (False, True)
     """
-    return [lever for lever, (_, changes) in LEVERS.items() if changes.get("mask_epoch", -1) != mask_epoch]
+    return [lever for lever, (_, changes) in LEVERS.items() if changes != {"mask_epoch": mask_epoch}]
 
 
 def levers_plan(args: argparse.Namespace, lr: float) -> list[dict[str, Any]]:
