@@ -201,12 +201,12 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     out = []
     per_sample = groups * t * (2 * t + p + o) if ghost else groups * (p * o + t * (p + o))
     for lo, hi in _chunks(batch, per_sample):
+        if not ghost:
+            out.append(_materialised_squared_norms(_gemm_materialised(terms, lo, hi)))
+            continue
         a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
         b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
-        if not ghost:
-            g = torch.einsum("ngto,ngtp->ngop", b, a)
-            out.append(torch.linalg.vector_norm(g.flatten(1), dim=1).square())
-        elif t == 1:
+        if t == 1:
             out.append((a.square().sum(-1) * b.square().sum(-1)).sum((1, 2)))
         else:
             out.append(((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3)))
@@ -218,6 +218,11 @@ def _gemm_materialised(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor:
     a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
     b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
     return torch.einsum("ngto,ngtp->ngop", b, a).reshape(hi - lo, *terms[0].param.shape)
+
+
+def _materialised_squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """``‖g_i‖²`` of per-sample gradients ``[B, ...]``."""
+    return torch.linalg.vector_norm(per_sample.flatten(1), dim=1).square()
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -397,7 +402,7 @@ class GhostClipping(ClippingEngine):
                 if not ghost and kept + batch * numel <= CHUNK_ELEMENTS:  # one piece: keep it for the sums
                     kept += batch * numel
                     group.per_sample = _gemm_materialised(terms, 0, batch)  # type: ignore[arg-type]
-                    norms = group.per_sample.flatten(1).square().sum(1)
+                    norms = _materialised_squared_norms(group.per_sample)
                 else:
                     norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
                 _, groups_, _, p, o = terms[0].shape  # type: ignore[attr-defined]
@@ -459,7 +464,7 @@ class GhostClipping(ClippingEngine):
 
 def _dense_squared_norms(terms: list[_Term]) -> torch.Tensor:
     total = sum(term.materialise(0, term.batch_size) for term in terms)  # type: ignore[attr-defined]
-    return total.flatten(1).square().sum(1)
+    return _materialised_squared_norms(total)
 
 
 def _add(sums: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, value: torch.Tensor) -> None:
@@ -643,11 +648,9 @@ def opacus_norm_sampler(
     ``DPStrategy(clipping="auto")``.
     """
     norms: dict[nn.Parameter, torch.Tensor] = {}
-    for term in _GHOST_FORMS[type(module)][0](module, activations, backprops):
+    for term in _GHOST_FORMS[type(module)][0](module, activations, backprops):  # weight and bias terms
         if isinstance(term, GemmTerm):
             squared = _gemm_squared_norms([term], _gemm_prefers_ghost([term]))
-        elif isinstance(term, EmbeddingTerm):
-            squared = _embedding_squared_norms([term])
         else:
             squared = _dense_squared_norms([term])
         norms[term.param] = squared.sqrt()
