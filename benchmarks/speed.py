@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = set(value.split(",")) - set(allowed)
         if unknown:
             parser.error(f"--{name}: unknown {sorted(unknown)}, choose from {allowed}")
+    if args.image_size < 16 or args.image_size % 4:
+        parser.error(f"--image-size must be a multiple of 4 (DeiT's patch size) and at least 16, got {args.image_size}")
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1 or args.dataset_size < args.batch_size:
         parser.error("need --steps >= 1, --warmup >= 1 and --batch-size <= --dataset-size")
     return args
@@ -133,7 +135,7 @@ def row_kind(row: str) -> tuple[str, str]:
     return row, "per_sample"
 
 
-def build_model(name: str, depth: int):
+def build_model(name: str, depth: int, image_size: int = 32):
     import timm
     from torch import nn
 
@@ -142,7 +144,7 @@ def build_model(name: str, depth: int):
         return timm.create_model(
             "deit_tiny_patch16_224",
             pretrained=False,
-            img_size=32,
+            img_size=image_size,
             patch_size=4,
             num_classes=NUM_CLASSES,
             depth=depth,
@@ -241,7 +243,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    model = build_model(args.model, args.depth)
+    model = build_model(args.model, args.depth, args.image_size)
     if base_row in SPARSE_FRACTIONS:
         sparsify_randomly(model, SPARSE_FRACTIONS[base_row], args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
