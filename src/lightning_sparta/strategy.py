@@ -917,7 +917,8 @@ class DPStrategy(DDPStrategy):
 
         ``sums[k]`` is the clipped sum ``Σ_i clip_C(g_i)`` of ``params[k]`` (float32 or the parameter's
         dtype) and may be modified in place: whatever ``fn`` adds is noised, all-reduced and divided by
-        ``q·n`` with the rest. Used by :class:`~lightning_sparta.audit.PrivacyAuditCallback` to insert
+        ``q·n`` with the rest. The noise and the division then happen in these same tensors: copy what
+        ``fn`` wants to keep. Used by :class:`~lightning_sparta.audit.PrivacyAuditCallback` to insert
         gradient canaries. Not called during SPARTA's scoring steps. Anything added changes the update
         and, unless it is bounded like a sample's clipped gradient, the privacy analysis.
 
