@@ -5,7 +5,10 @@ materialised per-sample gradient ``bᵀ a`` (then its norm). It chooses by compa
 with a factor :data:`lightning_sparta.privacy.clipping.GHOST_ADVANTAGE`; this script measures both
 paths on the layer shapes of the benchmark models (DeiT-tiny at 32 px with patch 4, ResNet-18 at
 32 px, and the row-sparse forms of DeiT's layers at 20% of the rows) and says which one the rule
-picks, so the factor can be checked on another machine.
+picks, so the factor can be checked on another machine. The materialised path is the engine's own: a
+convolution with at least ``GROUPED_CONV_MIN_T`` output positions is materialised as one grouped
+convolution over the samples, anything else as a product of unfolded patches and output gradients,
+in cache-sized chunks of samples (``CACHE_ELEMENTS``).
 
 Run ``python benchmarks/norm_paths.py [--threads 1] [--batch-size 64]``; the table goes to stdout and
 to ``benchmarks/results/norm_paths_cpu.md``.
@@ -26,7 +29,7 @@ from lightning_sparta.privacy import clipping
 
 RESULTS = Path(__file__).resolve().parent / "results" / "norm_paths_cpu.md"
 
-# (label, kind, shape): Linear (tokens T, d_in, d_out) or Conv2d (C_in, H, C_out, kernel, stride, padding)
+# (label, kind, shape): Linear (tokens T, d_in, d_out) or Conv2d (C_in, H, C_out, kernel, stride, padding[, groups])
 LAYERS: list[tuple[str, str, tuple[int, ...]]] = [
     ("DeiT qkv", "linear", (65, 192, 576)),
     ("DeiT fc1", "linear", (65, 192, 768)),
@@ -42,6 +45,9 @@ LAYERS: list[tuple[str, str, tuple[int, ...]]] = [
     ("ResNet layer2 3x3", "conv", (128, 4, 128, 3, 1, 1)),
     ("conv 3x3 at 16x16, 64 ch", "conv", (64, 16, 64, 3, 1, 1)),
     ("conv 3x3 at 16x16, 32 ch", "conv", (32, 16, 32, 3, 1, 1)),
+    ("EfficientNet depthwise 3x3 at 16x16", "conv", (32, 16, 32, 3, 1, 1, 32)),
+    ("EfficientNet depthwise 5x5 at 4x4", "conv", (144, 4, 144, 5, 1, 2, 144)),
+    ("EfficientNet pointwise 1x1 at 16x16", "conv", (16, 16, 96, 1, 1, 0)),
 ]
 
 
@@ -61,8 +67,8 @@ def terms_of(kind: str, shape: tuple[int, ...], batch: int) -> list[clipping.Gem
         layer: nn.Module = nn.Linear(d_in, d_out, bias=False)
         x, g = torch.randn(batch, t, d_in), torch.randn(batch, t, d_out)
         return clipping.linear_ghost_form(layer, [x], g)  # type: ignore[return-value]
-    c_in, size, c_out, kernel, stride, padding = shape
-    layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
+    c_in, size, c_out, kernel, stride, padding, *groups = shape
+    layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, groups=groups[0] if groups else 1, bias=False)
     x = torch.randn(batch, c_in, size, size)
     with torch.no_grad():
         g = torch.randn_like(layer(x))
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> str:
     agree = 0
     for label, kind, shape in LAYERS:
         terms = terms_of(kind, shape, args.batch_size)
-        _, _, t, d_in, d_out = terms[0].shape
+        _, groups, t, d_in, d_out = terms[0].shape
         ghost_ms = cpu_ms(lambda terms=terms: clipping._gemm_squared_norms(terms, True), args.repeats)
         mat_ms = cpu_ms(lambda terms=terms: clipping._gemm_squared_norms(terms, False), args.repeats)
         faster = "ghost" if ghost_ms <= mat_ms else "materialised"
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> str:
         agree += faster == picked
         ratio = t * (d_in + d_out) / (d_in * d_out)
         lines.append(
-            f"| {label} | {t} | {d_in} | {d_out} | {ratio:.2f} | {ghost_ms:.1f} | {mat_ms:.1f} | {faster} | {picked} |"
+            f"| {label} | {t} | {d_in} | {d_out}{f' (×{groups} groups)' if groups > 1 else ''} | {ratio:.2f} | {ghost_ms:.1f} | {mat_ms:.1f} | {faster} | {picked} |"
         )
     lines += ["", f"The rule picks the faster path for {agree} of {len(LAYERS)} layers."]
     text = "\n".join(lines)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import lightning_sparta.sparse  # noqa: F401  (registers the sparse layers' grad samplers)
+from lightning_sparta.privacy import clipping
 from lightning_sparta.privacy.clipping import GhostClipping, create_clipping_engine
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.sparse.layers import RowSparseConv2d, RowSparseLinear
@@ -71,6 +72,14 @@ CASES = [
     ("conv-grouped", lambda: _conv(4, 6, 3, groups=2, padding="same"), lambda g: torch.randn(5, 4, 5, 5, generator=g)),
     ("conv-depthwise", lambda: _conv(4, 4, 3, groups=4, bias=False), lambda g: torch.randn(5, 4, 6, 6, generator=g)),
     ("conv2d-same", lambda: Conv2dSame(3, 4, 3, stride=2), lambda g: torch.randn(5, 3, 7, 7, generator=g)),
+    # T >= GROUPED_CONV_MIN_T: materialised as one convolution with the samples as groups
+    ("conv-many-positions", lambda: _conv(3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 9, 9, generator=g)),
+    (
+        "conv-depthwise-many-positions",
+        lambda: _conv(4, 4, 3, groups=4, padding=1),
+        lambda g: torch.randn(5, 4, 10, 10, generator=g),
+    ),
+    ("conv-one-position", lambda: _conv(3, 4, 3), lambda g: torch.randn(5, 3, 3, 3, generator=g)),
     ("row-sparse-linear", _row_sparse_linear, lambda g: torch.randn(6, 7, generator=g)),
     ("row-sparse-linear-3d", _row_sparse_linear, lambda g: torch.randn(6, 3, 7, generator=g)),
     ("row-sparse-conv", _row_sparse_conv, lambda g: torch.randn(5, 4, 6, 6, generator=g)),
@@ -78,6 +87,12 @@ CASES = [
         "row-sparse-conv-grouped-strided",
         lambda: _row_sparse_conv(groups=2, stride=2),
         lambda g: torch.randn(5, 4, 7, 7, generator=g),
+    ),
+    ("row-sparse-conv-many-positions", _row_sparse_conv, lambda g: torch.randn(5, 4, 9, 9, generator=g)),
+    (
+        "row-sparse-conv-grouped-many-positions",
+        lambda: _row_sparse_conv(groups=2),
+        lambda g: torch.randn(5, 4, 8, 8, generator=g),
     ),
     (
         "norms",
@@ -106,8 +121,11 @@ def _run(model: nn.Module, x: torch.Tensor, mode: str, clip_quantile: float = 0.
     hooks = PerSampleGradients()
     engine = create_clipping_engine(mode, hooks)
     engine.attach(model)
+    # a mean-reduced loss, as DPStrategy backpropagates by default: per-sample gradients are the loss
+    # scale times what reaches the hooks (the ghost engine applies it to norms and factors)
+    hooks.loss_scale = 1.0 if mode == "ghost" else float(len(x))
     with hooks.capturing():
-        model[1](model[0](x)).sum().backward()
+        (model[1](model[0](x)).sum() / hooks.loss_scale).backward()
     engine.check_batch_dimension(len(x))
     norms2 = engine.squared_norms()
     clip = norms2.sqrt().quantile(clip_quantile)
@@ -130,9 +148,14 @@ def _run(model: nn.Module, x: torch.Tensor, mode: str, clip_quantile: float = 0.
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "auto-small-chunks"])
 @pytest.mark.parametrize(("name", "layer", "inputs"), CASES, ids=[c[0] for c in CASES])
-def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode):
+def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode, monkeypatch):
+    if mode == "auto-small-chunks":  # every chunked loop runs sample by sample; every conv as a grouped conv
+        monkeypatch.setattr(clipping, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(clipping, "CACHE_ELEMENTS", 1)
+        monkeypatch.setattr(clipping, "GROUPED_CONV_MIN_T", 1)
+        mode = "auto"
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     model = nn.Sequential(layer(), _Loss()).double()

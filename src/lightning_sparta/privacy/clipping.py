@@ -22,7 +22,7 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     product with per-sample scaled inputs, ``Σ_i c_i b_iᵀ a_i = bᵀ (c ⊙ a)`` (Bu et al. 2023,
     "book-keeping"): no second backward pass and no per-sample tensor. ``"auto"`` picks per layer the
     cheaper of the ghost norm and a materialised norm (Bu et al. 2022, "mixed ghost clipping"),
-    comparing ``T²(d_in + d_out)`` with ``1.5 · T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
+    comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
     measured by ``benchmarks/norm_paths.py``); a materialised norm is computed in chunks of samples
     and dropped, the sum still comes from the book-keeping product. ``"ghost"`` takes the ghost norm
     wherever a ghost form exists. Biases (``Σ_t b_i``), normalisation layers,
@@ -59,12 +59,25 @@ CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
 # computation is split into chunks of samples: 2**24 float32 values = 64 MiB.
 CHUNK_ELEMENTS = 2**24
 
-# Mixed ghost clipping compares multiply-adds, but the two paths do not run at the same speed: the
-# ghost norm's Gram matrices are small outputs, while materialising writes and reads a [B, d_out, d_in]
-# tensor. Measured by benchmarks/norm_paths.py on one CPU thread (batch 64, Linear and Conv2d layers
-# of DeiT-tiny, ResNet-18 and their row-sparse forms), the ghost norm was the faster one whenever it
-# needed at most about 1.5 times the multiply-adds, and the slower one from about 2 times.
-GHOST_ADVANTAGE = 1.5
+# Per-sample gradients that are only reduced (a norm not kept for the sum, SPARTA's Σ c_i |g_i|) are
+# materialised in chunks of about 2 MiB, which stay in the CPU's cache between the product that writes
+# them and the reduction that reads them: 2.3-3.8x faster than one chunk of the whole batch on ResNet's
+# and DeiT's layer shapes (T = 4-65, batch 64, one thread).
+CACHE_ELEMENTS = 2**19
+
+# A convolution with at least this many output positions materialises its per-sample weight gradients
+# as one convolution with the samples as groups, instead of unfolding the input into patches: faster
+# on every measured layer with T >= 64 (1.6x for ResNet's 7x7 stem, 5-9x for depthwise convs) and
+# slower with few positions (benchmarks/norm_paths.py).
+GROUPED_CONV_MIN_T = 64
+
+# Mixed ghost clipping compares multiply-adds: the ghost norm is taken while it needs at most
+# GHOST_ADVANTAGE times the multiply-adds of a materialised norm. Measured by benchmarks/norm_paths.py
+# on one CPU thread (batch 64, Linear and Conv2d layers of DeiT-tiny, ResNet-18, EfficientNet-Lite0 and
+# row-sparse forms), with the materialised norm in cache-sized chunks and convs with many positions as
+# grouped convolutions: the ghost norm was faster up to a ratio of about 0.9 and slower from about 1.1.
+# (When the materialised norm was one whole-batch product, the crossover was at about 1.5-2.)
+GHOST_ADVANTAGE = 1.0
 
 GhostForm = Callable[[nn.Module, list, torch.Tensor], list["_Term"]]
 _GHOST_FORMS: dict[type[nn.Module], tuple[GhostForm, Callable[[nn.Module], bool]]] = {}
@@ -100,8 +113,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _chunks(batch: int, per_sample: int) -> Iterable[tuple[int, int]]:
-    size = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+def _chunks(batch: int, per_sample: int, limit: int | None = None) -> Iterable[tuple[int, int]]:
+    """``(lo, hi)`` ranges of samples with at most ``limit`` (default :data:`CHUNK_ELEMENTS`) elements each."""
+    size = max(1, (CHUNK_ELEMENTS if limit is None else limit) // max(1, per_sample))
     for lo in range(0, batch, size):
         yield lo, min(batch, lo + size)
 
@@ -138,6 +152,8 @@ class GemmTerm(_Term):
         grads: ``grads(lo, hi)`` gives ``b`` for samples ``lo:hi`` as ``[b, G, T, O]``.
         shape: ``(B, G, T, P, O)``.
         clipped_sum: ``clipped_sum(c)`` gives ``Σ_i c_i g_i`` in the weight's shape (book-keeping).
+        materialise: optionally, a faster ``materialise(lo, hi)`` than the product of patches and
+            gradients (a convolution with the samples as groups).
     """
 
     def __init__(
@@ -147,18 +163,37 @@ class GemmTerm(_Term):
         grads: Callable[[int, int], torch.Tensor],
         shape: tuple[int, int, int, int, int],
         clipped_sum: Callable[[torch.Tensor], torch.Tensor],
+        materialise: Callable[[int, int], torch.Tensor] | None = None,
     ) -> None:
         self.param = param
         self.patches, self.grads, self.shape = patches, grads, shape
         self.batch_size = shape[0]
         self._clipped_sum = clipped_sum
+        self._materialise = materialise
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         return self._clipped_sum(factors)
 
     def materialise(self, lo: int, hi: int) -> torch.Tensor:
+        """The per-sample gradients of samples ``lo:hi``, ``[hi - lo, *param.shape]``, float32 or wider."""
+        if self._materialise is not None:
+            return self._materialise(lo, hi)
         g = torch.einsum("ngto,ngtp->ngop", _wide(self.grads(lo, hi)), _wide(self.patches(lo, hi)))
         return g.reshape(hi - lo, *self.param.shape)  # [b, G, O, P]: the weight's own layout
+
+    def absolute_sum(self, factors: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_i c_i |g_i|`` without per-sample tensors when ``T = 1``, else ``None``.
+
+        With one position the per-sample gradient is an outer product, ``g_i = b_iᵀ a_i``, so
+        ``|g_i| = |b_i|ᵀ |a_i|`` elementwise and ``Σ_i c_i |g_i| = (c ⊙ |b|)ᵀ |a|``: one product, like
+        the book-keeping sum (a Linear on ``[B, d]``, a conv whose output is 1×1).
+        """
+        if self.shape[2] != 1:
+            return None
+        a = _wide(self.patches(0, self.batch_size)).abs()  # [B, G, 1, P]
+        b = _wide(self.grads(0, self.batch_size)).abs()  # [B, G, 1, O]
+        b = b * factors.to(b.dtype)[:, None, None, None]
+        return torch.einsum("ngto,ngtp->gop", b, a).reshape(self.param.shape)
 
 
 class EmbeddingTerm(_Term):
@@ -199,8 +234,9 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     batch, groups, _, p, o = terms[0].shape
     t = sum(term.shape[2] for term in terms)
     out = []
-    per_sample = groups * t * (2 * t + p + o) if ghost else groups * (p * o + t * (p + o))
-    for lo, hi in _chunks(batch, per_sample):
+    # a materialised per-sample gradient is only reduced here: cache-sized chunks
+    per_sample, limit = (groups * t * (2 * t + p + o), None) if ghost else (groups * p * o, CACHE_ELEMENTS)
+    for lo, hi in _chunks(batch, per_sample, limit):
         if not ghost:
             out.append(_materialised_squared_norms(_gemm_materialised(terms, lo, hi)))
             continue
@@ -215,9 +251,10 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
 
 def _gemm_materialised(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor:
     """The per-sample gradient of samples ``lo:hi`` over all calls, ``[hi - lo, *param.shape]``."""
-    a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
-    b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
-    return torch.einsum("ngto,ngtp->ngop", b, a).reshape(hi - lo, *terms[0].param.shape)
+    total = terms[0].materialise(lo, hi)
+    for term in terms[1:]:
+        total = total + term.materialise(lo, hi)
+    return total
 
 
 def _materialised_squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
@@ -310,6 +347,21 @@ class ClippingEngine:
         """``Σ_i g_i`` per parameter (for the first-step check that per-sample gradients add up)."""
         return {p: _wide(p.grad_sample).sum(0) for p in self.parameters if _has(p)}
 
+    def sums_not_adding_up(self, loss_scale: float, tolerance: float) -> list[str]:
+        """Names of hooked parameters whose per-sample gradients do not add up to their batch gradient.
+
+        Compares ``Σ_i g_i`` with ``p.grad · loss_scale`` (autograd's gradient of the same pass, kept for
+        this check) by the relative error of the norms.
+        """
+        sums = self.unclipped_sums()
+        wrong = []
+        for p in self.parameters:
+            batch_grad = torch.zeros_like(p) if p.grad is None else p.grad * loss_scale
+            error = (sums.get(p, torch.zeros_like(p)).float() - batch_grad.float()).norm()
+            if error > tolerance * batch_grad.float().norm() + 1e-8:
+                wrong.append(self.hooks.parameter_names[p])
+        return wrong
+
     def accumulate(
         self,
         sums: dict[nn.Parameter, torch.Tensor],
@@ -368,6 +420,7 @@ class GhostClipping(ClippingEngine):
         self.mixed = mixed
         self.mode = "auto" if mixed else "ghost"
         self._groups: dict[nn.Parameter, _Group] | None = None
+        self._scale = 1.0  # the loss scale of the recorded output gradients
 
     def attach(self, model: nn.Module) -> None:
         self.hooks.attach(model, ghost=has_ghost_form)
@@ -377,9 +430,15 @@ class GhostClipping(ClippingEngine):
         """The recorded calls as terms, grouped by parameter (built once per micro-batch)."""
         if self._groups is None:
             groups: dict[nn.Parameter, _Group] = {}
-            for module, name, calls in self.hooks.ghost_records():
+            records = self.hooks.ghost_records()
+            # the output gradients are recorded unscaled: the loss scale multiplies the norms and the clip
+            # factors instead (one scale per micro-batch; a call recorded with another one is rescaled)
+            self._scale = next((scale for _, _, calls in records for _, _, scale in calls), 1.0)
+            for module, name, calls in records:
                 form = _GHOST_FORMS[type(module)][0]
-                for inputs, grad_output in calls:
+                for inputs, grad_output, scale in calls:
+                    if scale != self._scale:
+                        grad_output = grad_output * (scale / self._scale)
                     for term in form(module, inputs, grad_output):
                         groups.setdefault(term.param, _Group([], name)).terms.append(term)
             self._groups = groups
@@ -414,6 +473,8 @@ class GhostClipping(ClippingEngine):
             else:
                 norms = _dense_squared_norms(terms)
                 group.norm = "per-sample"
+            if self._scale != 1:
+                norms = norms * self._scale**2
             total = norms if total.numel() == 0 else total + norms.to(total.dtype)
         self.hooks.set_clipping_notes(
             {self.hooks.parameter_names.get(p, "?"): g.norm for p, g in self._terms().items()}
@@ -423,8 +484,8 @@ class GhostClipping(ClippingEngine):
     def unclipped_sums(self) -> dict[nn.Parameter, torch.Tensor]:
         sums = super().unclipped_sums()
         for p, group in self._terms().items():
-            ones = torch.ones(group.terms[0].batch_size, device=p.device)
-            sums[p] = sum(term.clipped_sum(ones) for term in group.terms)
+            scale = torch.full((group.terms[0].batch_size,), self._scale, device=p.device)
+            sums[p] = sum(term.clipped_sum(scale) for term in group.terms)
         return sums
 
     def accumulate(
@@ -443,23 +504,42 @@ class GhostClipping(ClippingEngine):
             if wanted is not None and id(p) not in wanted:
                 continue
             c = torch.ones_like(factors) if id(p) in unclipped_ids else factors
+            if self._scale != 1:  # the recorded output gradients are unscaled (positive scale: |s·g| = s·|g|)
+                c = c * self._scale
             if group.per_sample is not None:  # materialised for the norm already
                 per_sample = group.per_sample.abs_() if id(p) in absolute_ids else group.per_sample
                 _add(sums, p, torch.einsum("i,i...->...", c.to(per_sample.dtype), per_sample))
-            elif id(p) in absolute_ids:  # Σ_i c_i |g_i| has no product form: materialise, in chunks of samples
-                total = None
-                per_sample = p.numel() * 2
-                for lo, hi in _chunks(group.terms[0].batch_size, per_sample):
-                    g = sum(term.materialise(lo, hi) for term in group.terms)
-                    part = torch.einsum("i,i...->...", c[lo:hi].to(g.dtype), g.abs().reshape(hi - lo, *p.shape))
-                    total = part if total is None else total + part
-                _add(sums, p, total)
+            elif id(p) in absolute_ids:
+                _add(sums, p, _absolute_sum(group.terms, p, c))
             else:
                 _add(sums, p, sum(term.clipped_sum(c) for term in group.terms))
 
     def clear(self) -> None:
         self._groups = None
         super().clear()
+
+
+def _absolute_sum(terms: list[_Term], p: nn.Parameter, factors: torch.Tensor) -> torch.Tensor:
+    """``Σ_i c_i |g_i|`` of one parameter over all its calls (SPARTA's scores).
+
+    A single call with one position has a product form (:meth:`GemmTerm.absolute_sum`); otherwise
+    ``|g_i|`` has none, and the per-sample gradients are materialised in cache-sized chunks of samples.
+    """
+    if len(terms) == 1 and isinstance(terms[0], GemmTerm):
+        product = terms[0].absolute_sum(factors)
+        if product is not None:
+            return product
+    total: torch.Tensor | None = None
+    for lo, hi in _chunks(terms[0].batch_size, p.numel(), CACHE_ELEMENTS):
+        g = terms[0].materialise(lo, hi)  # type: ignore[attr-defined]
+        for term in terms[1:]:
+            g = g + term.materialise(lo, hi)  # type: ignore[attr-defined]
+        fresh = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # a DenseTerm returns its own storage
+        g = g.reshape(hi - lo, -1).abs_() if fresh else g.reshape(hi - lo, -1).abs()
+        part = g.T @ factors[lo:hi].to(g.dtype)
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total.view(p.shape)
 
 
 def _dense_squared_norms(terms: list[_Term]) -> torch.Tensor:
@@ -584,7 +664,18 @@ def _conv_terms(
                 gs = gs * c.to(gs.dtype)[:, None, None, None]
             return torch.nn.grad.conv2d_weight(xs, weight.shape, gs, stride, padding, dilation, groups)
 
-        terms.append(GemmTerm(weight, patches, grads, (batch, groups, t, p, o), clipped_sum))
+        def grouped(lo: int, hi: int, x=x, g=g) -> torch.Tensor:
+            # the samples as groups of one convolution: weight gradient [n·C_out, C_in/groups, kH, kW]
+            n = hi - lo
+            xs = _wide(x[lo:hi]).reshape(1, n * x.shape[1], *x.shape[2:])
+            gs = _wide(g[lo:hi]).reshape(1, n * g.shape[1], *g.shape[2:])
+            shape = (n * g.shape[1], x.shape[1] // groups, *kernel)
+            return torch.nn.grad.conv2d_weight(xs, shape, gs, stride, padding, dilation, n * groups).view(
+                n, *weight.shape
+            )
+
+        materialise = grouped if t >= GROUPED_CONV_MIN_T else None
+        terms.append(GemmTerm(weight, patches, grads, (batch, groups, t, p, o), clipped_sum, materialise))
     return terms
 
 

@@ -170,7 +170,7 @@ class PerSampleGradients:
         self._tapping: dict[nn.Module, list[_Call]] = defaultdict(list)  # open forward calls, see _attach_tap
         self._swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self._ghost: dict[nn.Module, str] = {}  # modules whose calls are recorded, not sampled
-        self._records: dict[nn.Module, list[tuple[list[Any], torch.Tensor]]] = defaultdict(list)
+        self._records: dict[nn.Module, list[tuple[list[Any], torch.Tensor, float]]] = defaultdict(list)
         self._clipping_notes: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------- set-up
@@ -383,10 +383,12 @@ class PerSampleGradients:
         stack = self._activations.get(module)
         if stack and call in stack:
             stack.remove(call)
-        backprops = grad_output.detach() if self.loss_scale == 1 else grad_output.detach() * self.loss_scale
         if module in self._ghost:  # the clipping engine takes norms and sums from (input, output gradient)
-            self._records[module].append((activations, backprops))
+            # unscaled: the engine applies the scale to the norms and the clip factors, [B] vectors, instead
+            # of copying every layer's output gradient
+            self._records[module].append((activations, grad_output.detach(), self.loss_scale))
             return
+        backprops = grad_output.detach() if self.loss_scale == 1 else grad_output.detach() * self.loss_scale
         sampler = grad_sampler_for(module) or ft_compute_per_sample_gradient
         for param, grad_sample in sampler(module, activations, backprops).items():
             if param.requires_grad:
@@ -402,11 +404,12 @@ class PerSampleGradients:
         self._activations.clear()
         self._records.clear()
 
-    def ghost_records(self) -> list[tuple[nn.Module, str, list[tuple[list[Any], torch.Tensor]]]]:
+    def ghost_records(self) -> list[tuple[nn.Module, str, list[tuple[list[Any], torch.Tensor, float]]]]:
         """``(module, name, calls)`` for every ``"ghost"`` module that ran in the current pass.
 
-        Each call is ``(inputs, grad_output)``: the module's detached inputs and the gradient of the
-        loss with respect to its output, already multiplied by :attr:`loss_scale`.
+        Each call is ``(inputs, grad_output, scale)``: the module's detached inputs, the gradient of the
+        loss with respect to its output, and the :attr:`loss_scale` of the pass. Per-sample gradients are
+        linear in ``grad_output``, so they are ``scale`` times those of ``grad_output`` as recorded.
         """
         return [(m, self._ghost[m], calls) for m, calls in self._records.items() if calls]
 
