@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_sparta import DPStrategy, PrivacyBudgetCallback
+from lightning_sparta.privacy.guards import check_precision
 from lightning_sparta.privacy.sampler import DPDataLoader
 from lightning_sparta.privacy.validation import IncompatibleModelError
 
@@ -365,10 +366,10 @@ def test_float16_mixed_precision_is_refused():
 
     plugin = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", enabled=False))
     with pytest.raises(ValueError, match=r"precision='16-mixed'.*GradScaler"):
-        DPStrategy._check_precision("16-mixed", plugin)
+        check_precision("16-mixed", plugin)
     with pytest.raises(ValueError, match="precision='16-true'"):
-        DPStrategy._check_precision("16-true", object())
-    DPStrategy._check_precision("bf16-mixed", MixedPrecision("bf16-mixed", "cpu"))
+        check_precision("16-true", object())
+    check_precision("bf16-mixed", MixedPrecision("bf16-mixed", "cpu"))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -37,16 +37,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from opacus.accountants import IAccountant
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten, warn
+from lightning_sparta._run_length import note_max_epochs, planned_steps
 from lightning_sparta.privacy.accountant import (
     ACCOUNTANT_NAMES,
     AccountantName,
     calibrate_noise_multiplier,
     create_accountant,
     epsilon_for,
+    read_privacy_state,
     validate_delta,
     validate_epsilon_tolerance,
     validate_target_epsilon,
@@ -54,25 +56,22 @@ from lightning_sparta.privacy.accountant import (
 )
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
 from lightning_sparta.privacy.clipping import CLIPPING_MODES, ClippingMode, create_clipping_engine
+from lightning_sparta.privacy.guards import check_one_training_loader, check_trainer, refuse_unclipped_gradients
 from lightning_sparta.privacy.noise import secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.privacy.sampler import (
     DPDataLoader,
-    EmptyBatchCollate,
     PoissonBatchSampler,
     batch_size_of,
     split_batch,
+    training_data,
 )
+from lightning_sparta.privacy.scoring import Scoring
 from lightning_sparta.privacy.validation import BATCHNORM_MODES, BatchNormMode, prepare_model
 
 _CHECKPOINT_KEY = "lightning_sparta.dp_strategy"
-_SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
-# Lightning fills in max_epochs=1000 when neither max_epochs nor max_steps is given.
-_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _PATHS_FILE = "per_sample_paths.txt"  # the full table of per-sample gradient paths, in the log directory
 _log = get_logger("strategy")
-# Set on the Trainer by DPStrategy when `fit` starts: whether the user left max_epochs unset.
-_MAX_EPOCHS_UNSET = "_lightning_sparta_max_epochs_unset"
 
 
 class DPStrategy(DDPStrategy):
@@ -169,46 +168,19 @@ class DPStrategy(DDPStrategy):
         if timeout is not None:
             kwargs["timeout"] = timeout
         super().__init__(**kwargs)
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError(
-                "Give exactly one of `noise_multiplier` and `target_epsilon`, got "
-                f"noise_multiplier={noise_multiplier!r} and target_epsilon={target_epsilon!r}."
-            )
-        if noise_multiplier is not None:
-            _check_number("noise_multiplier", noise_multiplier, minimum=0.0, inclusive=True)
-            if noise_multiplier == 0:
-                warnings.warn(
-                    "noise_multiplier=0: no noise is added and the run is NOT differentially private "
-                    "(ε = inf). Use this for debugging only.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        if target_epsilon is not None:
-            _check_number("target_epsilon", target_epsilon, minimum=0.0)
-            validate_target_epsilon(target_epsilon)  # at most MAX_TARGET_EPSILON, with a message saying why
-        _check_number("max_grad_norm", max_grad_norm, minimum=0.0)
-        epsilon_tolerance = validate_epsilon_tolerance(epsilon_tolerance, target_epsilon)
-        if accountant not in ACCOUNTANT_NAMES:
-            raise ValueError(f"`accountant` must be one of {list(ACCOUNTANT_NAMES)}, got {accountant!r}.")
-        if physical_batch_size is not None and (
-            not isinstance(physical_batch_size, int) or isinstance(physical_batch_size, bool) or physical_batch_size < 1
-        ):
-            raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
-        if clipping not in CLIPPING_MODES:
-            raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {clipping!r}.")
-        if batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
-        if not isinstance(secure_mode, bool):
-            raise ValueError(f"`secure_mode` must be True or False, got {secure_mode!r}.")
-        if secure_mode and seed is not None:
-            raise ValueError(
-                f"`secure_mode=True` draws its randomness from the operating system and cannot use `seed={seed!r}`: "
-                "a known seed would let anyone recompute the noise. Pass seed=None."
-            )
+        epsilon_tolerance = _validate_arguments(
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            max_grad_norm=max_grad_norm,
+            epsilon_tolerance=epsilon_tolerance,
+            accountant=accountant,
+            physical_batch_size=physical_batch_size,
+            loss_reduction=loss_reduction,
+            clipping=clipping,
+            batchnorm=batchnorm,
+            seed=seed,
+            secure_mode=secure_mode,
+        )
 
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.target_delta = validate_delta(target_delta)
@@ -232,11 +204,7 @@ class DPStrategy(DDPStrategy):
         self._pending_state: dict[str, Any] | None = None
         self._attached_params: tuple[int, ...] | None = None
         self._summed: dict[nn.Parameter, torch.Tensor] = {}
-        self._scores: dict[str, nn.Parameter] | None = None  # scoring mode: name -> scored parameter
-        self._score_sums: dict[str, torch.Tensor] = {}
-        self._score_absolute = True  # scoring sums |g_i| (SPARTA) or g_i (DP-SGD gradients, Algorithm 2)
-        self._score_private = True  # False: unclipped, noiseless sums (oracle mask, Algorithm 3)
-        self._score_train = False  # True: the non-scored parameters train from the same release
+        self._scoring: Scoring | None = None  # a scoring epoch under way
         self._epoch_position = 0
         self._micro_batch_size = 0
         self._verify_next = False
@@ -328,27 +296,14 @@ class DPStrategy(DDPStrategy):
                 accountants do not compose), or has no accountant history; or if this strategy has
                 already taken steps.
         """
-        if isinstance(state, (str, os.PathLike)):
-            loaded = torch.load(os.fspath(state), map_location="cpu", weights_only=False)
-            state = loaded.get(_CHECKPOINT_KEY, loaded) if isinstance(loaded, dict) else loaded
-        if not isinstance(state, dict) or "history" not in state or "accountant" not in state:
-            raise ValueError(
-                "`privacy_state` must be a dict from `DPStrategy.privacy_state()` (keys 'accountant', 'history'), "
-                f"or the path of a file or checkpoint holding one; got {type(state).__name__}."
-            )
-        if state["accountant"] != self.accountant_name:
-            raise ValueError(
-                f"`privacy_state` was accounted with accountant={state['accountant']!r}, this strategy uses "
-                f"{self.accountant_name!r}: histories of different accountants do not compose. Use "
-                f"DPStrategy(accountant={state['accountant']!r})."
-            )
         if self.steps:
             raise ValueError(
                 f"`load_privacy_state` needs a strategy that has not taken steps yet ({self.steps} accounted)."
             )
-        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
-        if state.get("non_private_reason"):
-            self._non_private_reason = state["non_private_reason"]
+        history, reason = read_privacy_state(state, self.accountant_name, _CHECKPOINT_KEY)
+        self.accountant.history = history
+        if reason:
+            self._non_private_reason = reason
 
     # ------------------------------------------------------------------------------ DDP plumbing
     # `Trainer.fit` assigns the module to the strategy before `Trainer._run` replaces an unset max_epochs by
@@ -363,11 +318,7 @@ class DPStrategy(DDPStrategy):
         caller = sys._getframe(1)
         trainer = caller.f_locals.get("self")
         if module is not None and caller.f_code.co_name == "fit" and isinstance(trainer, pl.Trainer):
-            max_epochs = trainer.fit_loop.max_epochs
-            if max_epochs is None:
-                trainer.__dict__[_MAX_EPOCHS_UNSET] = True
-            elif max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS or not trainer.__dict__.get(_MAX_EPOCHS_UNSET):
-                trainer.__dict__[_MAX_EPOCHS_UNSET] = False  # set by the user (a refit keeps "unset")
+            note_max_epochs(trainer)
 
     @override
     def _configure_launcher(self) -> None:
@@ -417,38 +368,9 @@ class DPStrategy(DDPStrategy):
             self._broadcast_model()
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
-        module = self.lightning_module
-        if not module.automatic_optimization:
-            raise ValueError(
-                "DPStrategy needs automatic optimization (`automatic_optimization=True`): with manual "
-                "optimization the strategy cannot clip per-sample gradients before your optimizer steps."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` is not supported by DPStrategy: "
-                "Lightning divides the loss before backward, which rescales per-sample gradients before "
-                "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
-            )
-        self._check_precision(str(trainer.precision), self.precision_plugin)
-        self._frozen_batchnorm = prepare_model(module, batchnorm=self.batchnorm)
+        check_trainer(trainer, self.lightning_module, self.precision_plugin)
+        self._frozen_batchnorm = prepare_model(self.lightning_module, batchnorm=self.batchnorm)
         self._low_precision = "bf16" in str(trainer.precision)
-
-    @staticmethod
-    def _check_precision(precision: str, plugin: object) -> None:
-        """Refuse precisions whose loss scaling would corrupt the per-sample gradients."""
-        if getattr(plugin, "scaler", None) is not None:
-            precision = "16-mixed"  # a GradScaler scales the loss, hence every per-sample gradient
-        if precision not in _SUPPORTED_PRECISION:
-            hint = (
-                " The GradScaler of '16-mixed' unscales `p.grad` but not the per-sample gradients, so "
-                "clipping would use scaled norms."
-                if precision.startswith("16")
-                else ""
-            )
-            raise ValueError(
-                f"`precision={precision!r}` is not supported by DPStrategy; use one of "
-                f"{list(_SUPPORTED_PRECISION)} ('bf16-mixed' for mixed precision).{hint}"
-            )
 
     def _setup_randomness(self) -> None:
         """Fix the seed of the sampler (and, in reproducible mode, of the noise) once per strategy.
@@ -510,25 +432,7 @@ class DPStrategy(DDPStrategy):
         connector._requires_distributed_sampler = requires_distributed_sampler
 
     def _poisson_loader(self, dataloader: object) -> DPDataLoader:
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(
-                f"DPStrategy needs the training data as a torch DataLoader over a map-style dataset, got "
-                f"{type(dataloader).__name__}."
-            )
-        dataset = dataloader.dataset
-        if isinstance(dataset, IterableDataset):
-            raise TypeError(
-                f"The training dataset is an IterableDataset ({type(dataset).__name__}): Poisson sampling "
-                "needs random access. Use a map-style dataset (with __getitem__ and __len__)."
-            )
-        num_samples = len(dataset)  # type: ignore[arg-type]
-        if num_samples == 0:
-            raise ValueError("The training dataset is empty: DP-SGD needs training data.")
-        batch_size = _expected_batch_size(dataloader)
-        if batch_size > num_samples:
-            raise ValueError(
-                f"The training DataLoader's batch_size={batch_size} exceeds the dataset size {num_samples}."
-            )
+        dataloader, num_samples, batch_size = training_data(dataloader)
         self.num_samples = num_samples
         self.sample_rate = batch_size / num_samples
         if self.target_epsilon is None or self._pending_state is None:
@@ -539,22 +443,12 @@ class DPStrategy(DDPStrategy):
                 f"resumed run has {self.sample_rate:.6g}: keep batch_size and the dataset unchanged on resume."
             )
         sampler = PoissonBatchSampler(
-            num_samples,
-            self.sample_rate,
-            seed=self._seed or 0,
-            num_replicas=self.world_size,
-            rank=self.global_rank,
+            num_samples, self.sample_rate, seed=self._seed or 0, num_replicas=self.world_size, rank=self.global_rank
         )
         self.steps_per_epoch = len(sampler)
-
-        return DPDataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=dataloader.num_workers,
-            collate_fn=EmptyBatchCollate(dataloader.collate_fn, dataset),
-            pin_memory=dataloader.pin_memory,
-            worker_init_fn=dataloader.worker_init_fn,
-            persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
+        return DPDataLoader.replacing(
+            dataloader,
+            sampler,
             position_fn=lambda: self._epoch_position,
             # `processed`, not `current_epoch`: after an epoch-end checkpoint the first iterator is created
             # before Lightning moves `completed` up to `processed` (FitLoop.on_run_start).
@@ -571,15 +465,7 @@ class DPStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if self.sample_rate is None:
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
-        loaders = trainer.train_dataloader
-        if not isinstance(loaders, DataLoader):
-            count = len(loaders) if isinstance(loaders, (list, tuple, dict)) else "several"
-            raise ValueError(
-                f"DPStrategy needs exactly one training DataLoader, `train_dataloader` returned {count} "
-                f"({type(loaders).__name__}): each would be sampled at its own rate and Lightning cycles the "
-                "shorter ones, so the accounted ε would be wrong. Concatenate the datasets into one "
-                "(torch.utils.data.ConcatDataset) and return a single DataLoader."
-            )
+        check_one_training_loader(trainer.train_dataloader)
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
@@ -587,7 +473,7 @@ class DPStrategy(DDPStrategy):
             self._non_private_reason = state.get("non_private_reason")
             self._check_resumed_plan(trainer)
         elif self.target_epsilon is not None:
-            steps = self._planned_steps(trainer)
+            steps = planned_steps(trainer)
             sigma = calibrate_noise_multiplier(
                 self.target_epsilon,
                 self.target_delta,
@@ -633,7 +519,7 @@ class DPStrategy(DDPStrategy):
         """Warn when a resumed run, longer than the one σ was calibrated for, will overshoot its target ε."""
         if self.target_epsilon is None or self._non_private_reason is not None:
             return
-        remaining = max(0, self._planned_steps(trainer) - self.steps)
+        remaining = max(0, planned_steps(trainer) - self.steps)
         final = self.epsilon_after(remaining)
         if final > self.target_epsilon * (1 + 1e-6):
             rank_zero_user_warn(
@@ -642,32 +528,6 @@ class DPStrategy(DDPStrategy):
                 f"{self.target_epsilon}. Resume with the original max_epochs/max_steps, or stop in time with "
                 f"PrivacyBudgetCallback(stop_at_epsilon={self.target_epsilon})."
             )
-
-    def _planned_steps(self, trainer: pl.Trainer) -> int:
-        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-        per_epoch = trainer.num_training_batches
-        # None when fit was not entered through Trainer.fit (then 1000 with max_steps=-1 is ambiguous)
-        unset = trainer.__dict__.get(_MAX_EPOCHS_UNSET)
-        if max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1 and unset is None:
-            raise ValueError(
-                f"`target_epsilon` needs the length of the run, and max_epochs={max_epochs} is also what Lightning "
-                "puts in when neither max_epochs nor max_steps is set, so DPStrategy cannot tell whether you chose "
-                "it. Set `Trainer(max_steps=...)` too, or give `noise_multiplier` instead of `target_epsilon`."
-            )
-        unbounded = max_epochs in (None, -1) or (
-            max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS and max_steps == -1 and bool(unset)
-        )
-        if unbounded and max_steps == -1:
-            raise ValueError(
-                "`target_epsilon` needs the length of the run to calibrate σ: set `Trainer(max_epochs=...)` "
-                f"or `Trainer(max_steps=...)` (found max_epochs={max_epochs}, max_steps={max_steps}; Lightning "
-                f"uses {_LIGHTNING_DEFAULT_MAX_EPOCHS} when neither is set)."
-            )
-        if not math.isfinite(per_epoch):
-            raise ValueError("`target_epsilon` needs a training loader of known length.")
-        epoch_steps = None if unbounded else max_epochs * int(per_epoch)
-        candidates = [s for s in (epoch_steps, max_steps if max_steps != -1 else None) if s is not None]
-        return min(candidates)
 
     def _refresh_hooks(self, verbose: bool = False) -> None:
         """Re-attach the per-sample hooks when the set of trainable parameters changed."""
@@ -779,9 +639,9 @@ class DPStrategy(DDPStrategy):
             # The first layer's input needs no gradient; its hook then fires on the output alone.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             closure_result = closure()
-        self._refuse_unclipped_gradients(optimizer)
+        refuse_unclipped_gradients(optimizer, self.engine.parameters, self.lightning_module)
         self._clip_and_accumulate()
-        if self._scores is not None:
+        if self._scoring is not None:
             if self._score_step():  # train_while_scoring: the release's non-scored part is a gradient
                 self.precision_plugin._after_closure(model, optimizer)
                 optimizer.step(**kwargs)
@@ -791,41 +651,6 @@ class DPStrategy(DDPStrategy):
             optimizer.step(**kwargs)
         self.accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self.sample_rate)
         return closure_result
-
-    def _refuse_unclipped_gradients(self, optimizer: Optimizer) -> None:
-        """Refuse the step when a parameter the optimizer holds got a gradient the engine did not clip.
-
-        Only parameters hooked at the start of ``training_step`` receive clipped, noised gradients.
-        Any other parameter with a ``.grad`` (one the module does not register, or one unfrozen inside
-        ``training_step``) would be stepped with its exact batch gradient: no clipping, no noise.
-        Refusing, rather than dropping the gradient, keeps the user's intent visible: such a
-        parameter must be registered in a module and made trainable before the step starts.
-        """
-        hooked = {id(p) for p in self.engine.parameters}
-        raw = [
-            (g, i, p)
-            for g, group in enumerate(optimizer.param_groups)
-            for i, p in enumerate(group["params"])
-            if p.grad is not None and id(p) not in hooked
-        ]
-        if raw:
-            names = {id(p): n for n, p in self.lightning_module.named_parameters()}  # only to word the error
-            culprits = [
-                names.get(
-                    id(p), f"param_groups[{g}]['params'][{i}] (shape {list(p.shape)}, not registered in the module)"
-                )
-                for g, i, p in raw
-            ]
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None  # never leave a raw gradient behind for a later step
-            raise RuntimeError(
-                f"DPStrategy: {_listed(culprits)} received a gradient that was not clipped or noised, so the "
-                "optimizer would apply the exact batch gradient. Parameters are made private only if they are "
-                "registered in the LightningModule (as attributes of modules, not in plain lists or dicts) "
-                "and trainable when `training_step` starts: change `requires_grad` in a callback hook such "
-                "as `on_train_batch_start`, not inside `training_step`."
-            )
 
     def _clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums.
@@ -840,20 +665,21 @@ class DPStrategy(DDPStrategy):
         engine = self.clipping_engine
         engine.check_batch_dimension(self._micro_batch_size)
         if self._verify_next:
-            self._verify_per_sample_gradients(engine.parameters)
+            self._verify_per_sample_gradients()
         factors = (self.max_grad_norm / (engine.squared_norms().sqrt() + 1e-6)).clamp(max=1.0)
-        scored = list((self._scores or {}).values())
+        scoring = self._scoring
+        scored = list(scoring.parameters.values()) if scoring is not None else []
         engine.accumulate(
             self._summed,
             factors,
-            absolute=scored if self._score_absolute else (),
-            unclipped=() if self._score_private else scored,  # true gradients: no clipping (and no noise)
+            absolute=scored if scoring is not None and scoring.absolute else (),
+            unclipped=scored if scoring is not None and not scoring.private else (),  # true gradients, no noise
             # a scoring step uses the scored sums only, unless the rest trains from the same release
-            only=scored if self._scores is not None and not self._score_train else None,
+            only=scored if scoring is not None and not scoring.train else None,
         )
         engine.clear()
 
-    def _verify_per_sample_gradients(self, params: list[nn.Parameter]) -> None:
+    def _verify_per_sample_gradients(self) -> None:
         """Check once per (re)attachment that per-sample gradients add up to the batch gradient.
 
         A parameter used outside the forward pass of the module that owns it (e.g. a temperature
@@ -862,18 +688,10 @@ class DPStrategy(DDPStrategy):
         ordinary gradient, so this check catches it on the first step.
         """
         self._verify_next = False
-        scale = self.engine.loss_scale
-        sums = self.clipping_engine.unclipped_sums()
-        wrong = []
-        for p in params:
-            batch_grad = torch.zeros_like(p) if p.grad is None else p.grad * scale
-            summed = sums.get(p, torch.zeros_like(p))
-            # Relative error in norm: float rounding of sums over a batch stays far below it, while a
-            # parameter used outside its module's forward is off by O(1).
-            tolerance = 5e-2 if self._low_precision else 1e-3
-            error = (summed.float() - batch_grad.float()).norm()
-            if error > tolerance * batch_grad.float().norm() + 1e-8:
-                wrong.append(self.engine.parameter_names[p])
+        # float rounding of sums over a batch stays far below these, a parameter used outside its module's
+        # forward is off by O(1)
+        tolerance = 5e-2 if self._low_precision else 1e-3
+        wrong = self.clipping_engine.sums_not_adding_up(self.engine.loss_scale, tolerance)
         if wrong:
             raise RuntimeError(
                 f"Per-sample gradients of {wrong} do not add up to their batch gradient: these parameters are used "
@@ -989,58 +807,40 @@ class DPStrategy(DDPStrategy):
             ValueError: if a scored parameter is frozen, scoring is already under way, or ``train``
                 is asked for a non-private scoring.
         """
-        if self._scores is not None:
+        if self._scoring is not None:
             raise ValueError("Scoring is already under way: call `end_scoring()` first.")
-        frozen = [name for name, p in parameters.items() if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"Scored parameters must be trainable while scoring, frozen: {frozen}.")
-        if train and not private:
-            raise ValueError("`train=True` needs private scoring: the non-scored part would be released without noise.")
-        self._scores = dict(parameters)
-        self._score_absolute, self._score_private = bool(absolute), bool(private)
-        self._score_train = bool(train)
-        self._score_sums = {
-            name: value.to(device=parameters[name].device, dtype=torch.float32).clone()
-            for name, value in (initial or {}).items()
-        }
+        self._scoring = Scoring(parameters, bool(absolute), bool(private), bool(train), dict(initial or {}))
 
     @property
     def scoring_sums(self) -> dict[str, torch.Tensor]:
         """The sums accumulated so far by the scoring under way (empty when not scoring)."""
-        return dict(self._score_sums)
+        return dict(self._scoring.sums) if self._scoring is not None else {}
 
     def end_scoring(self) -> dict[str, torch.Tensor]:
         """Stop scoring and return the accumulated noisy sums (identical on every rank)."""
-        if self._scores is None:
+        if self._scoring is None:
             raise ValueError("`end_scoring()` called without `begin_scoring()`.")
-        result = {
-            name: self._score_sums.get(name, torch.zeros_like(p, dtype=torch.float32))
-            for name, p in self._scores.items()
-        }
-        self._scores, self._score_sums = None, {}
-        self._score_absolute, self._score_private, self._score_train = True, True, False
+        result, self._scoring = self._scoring.result(), None
         return result
 
     def _score_step(self) -> bool:
         """Release one scoring step; returns whether the other trainable parameters got a gradient.
 
         Without ``train`` nothing reaches the optimizer. With it, the scored part and the rest are
-        one flat vector with one noise draw (see :meth:`begin_scoring`).
+        released together with one noise draw (see :meth:`begin_scoring`).
         """
-        assert self._scores is not None
-        names = list(self._scores)
-        params = [self._scores[n] for n in names]
+        scoring = self._scoring
+        assert scoring is not None
+        params = list(scoring.parameters.values())
         scored = {id(p) for p in params}
-        rest = [p for p in self.engine.parameters if id(p) not in scored] if self._score_train else []
+        rest = [p for p in self.engine.parameters if id(p) not in scored] if scoring.train else []
         sums = [self._summed.get(p, torch.zeros_like(p)) for p in [*params, *rest]]
-        chunks = self._released(sums, noise=self._score_private)
-        for name, p, chunk in zip(names, params, chunks[: len(params)], strict=True):
-            chunk = chunk.view_as(p)
-            self._score_sums[name] = self._score_sums[name] + chunk if name in self._score_sums else chunk
+        released = self._released(sums, noise=scoring.private)
+        scoring.add(released[: len(params)])
         self._summed.clear()
         for p in self.engine.parameters:
             p.grad = None  # the scores never reach the optimizer
-        for p, chunk in zip(rest, chunks[len(params) :], strict=True):
+        for p, chunk in zip(rest, released[len(params) :], strict=True):
             p.grad = chunk.div_(self.expected_batch_size).view_as(p).to(p.dtype)
         return bool(rest)
 
@@ -1090,43 +890,62 @@ class DPStrategy(DDPStrategy):
         super().teardown()
 
 
-_DEFAULT_SAMPLERS = (RandomSampler, SequentialSampler)
-
-
-def _expected_batch_size(dataloader: DataLoader) -> int:
-    """The expected Poisson batch size the user asked for, warning about any sampler that is replaced.
-
-    ``batch_size`` when the loader has one; otherwise the ``batch_size`` of the user's ``batch_sampler``.
-    ``shuffle`` and ``drop_last`` have no meaning under Poisson sampling and are ignored.
-    """
-    user_batch_sampler = dataloader.batch_size is None and dataloader.batch_sampler is not None
-    batch_size = getattr(dataloader.batch_sampler, "batch_size", None) if user_batch_sampler else dataloader.batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        where = f"its batch_sampler {type(dataloader.batch_sampler).__name__}" if user_batch_sampler else "it"
+def _validate_arguments(
+    *,
+    noise_multiplier: Any,
+    target_epsilon: Any,
+    max_grad_norm: Any,
+    epsilon_tolerance: Any,
+    accountant: Any,
+    physical_batch_size: Any,
+    loss_reduction: Any,
+    clipping: Any,
+    batchnorm: Any,
+    seed: Any,
+    secure_mode: Any,
+) -> float:
+    """Refuse bad ``DPStrategy`` arguments with a message naming each; returns the epsilon tolerance."""
+    if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError(
-            f"The training DataLoader has no usable `batch_size` (found {batch_size!r} on {where}): DPStrategy "
-            "derives the sampling rate q = batch_size / len(dataset) from it. Give the DataLoader a `batch_size`."
+            "Give exactly one of `noise_multiplier` and `target_epsilon`, got "
+            f"noise_multiplier={noise_multiplier!r} and target_epsilon={target_epsilon!r}."
         )
-    sampler = getattr(dataloader.batch_sampler, "sampler", None) if user_batch_sampler else dataloader.sampler
-    replaced = []
-    if user_batch_sampler:
-        kind = type(dataloader.batch_sampler).__name__
-        replaced.append(f"batch_sampler {kind} (its batch_size={batch_size} is kept)")
-    if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
-        replaced.append(f"sampler {type(sampler).__name__}")
-    if replaced:
-        warn(
-            f"DPStrategy: the training DataLoader's {' and '.join(replaced)} is replaced by uniform Poisson "
-            f"sampling with expected batch size {batch_size}: the privacy analysis needs every example to enter "
-            "each batch independently with the same probability. Weighting, class balancing or any other "
-            "sampling order is not applied."
+    if noise_multiplier is not None:
+        _check_number("noise_multiplier", noise_multiplier, minimum=0.0, inclusive=True)
+        if noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier=0: no noise is added and the run is NOT differentially private "
+                "(ε = inf). Use this for debugging only.",
+                UserWarning,
+                stacklevel=3,
+            )
+    if target_epsilon is not None:
+        _check_number("target_epsilon", target_epsilon, minimum=0.0)
+        validate_target_epsilon(target_epsilon)  # at most MAX_TARGET_EPSILON, with a message saying why
+    _check_number("max_grad_norm", max_grad_norm, minimum=0.0)
+    epsilon_tolerance = validate_epsilon_tolerance(epsilon_tolerance, target_epsilon)
+    if accountant not in ACCOUNTANT_NAMES:
+        raise ValueError(f"`accountant` must be one of {list(ACCOUNTANT_NAMES)}, got {accountant!r}.")
+    if physical_batch_size is not None and (
+        not isinstance(physical_batch_size, int) or isinstance(physical_batch_size, bool) or physical_batch_size < 1
+    ):
+        raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {clipping!r}.")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
+    if not isinstance(secure_mode, bool):
+        raise ValueError(f"`secure_mode` must be True or False, got {secure_mode!r}.")
+    if secure_mode and seed is not None:
+        raise ValueError(
+            f"`secure_mode=True` draws its randomness from the operating system and cannot use `seed={seed!r}`: "
+            "a known seed would let anyone recompute the noise. Pass seed=None."
         )
-    return batch_size
-
-
-def _listed(names: list[str], first: int = 5) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:first])
-    return shown + (f" and {len(names) - first} more" if len(names) > first else "")
+    return epsilon_tolerance
 
 
 def _replace_loss(output: Any, loss: torch.Tensor) -> Any:

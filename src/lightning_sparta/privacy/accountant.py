@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import Literal, get_args
 
+import torch
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import gdp as gdp_analysis
 
@@ -231,6 +233,41 @@ def warn_if_delta_too_large(delta: float, num_samples: int) -> None:
 
 ACCOUNTANT_NAMES: tuple[str, ...] = get_args(AccountantName)
 
+
+def read_privacy_state(
+    state: object, accountant: str, checkpoint_key: str
+) -> tuple[list[tuple[float, float, int]], str | None]:
+    """The ``(σ, q, steps)`` history and the non-private reason of a saved privacy state.
+
+    Args:
+        state: a dict with keys ``accountant`` and ``history`` (``DPStrategy.privacy_state()``), or the path
+            of a ``torch.save`` file holding one, or of a Lightning checkpoint that holds one under
+            ``checkpoint_key``.
+        accountant: the accountant of the run that continues the history.
+        checkpoint_key: where a Lightning checkpoint keeps the state.
+
+    Raises:
+        ValueError: if ``state`` holds no accountant history, or was accounted with another accountant
+            (histories of different accountants do not compose).
+    """
+    if isinstance(state, (str, os.PathLike)):
+        loaded = torch.load(os.fspath(state), map_location="cpu", weights_only=False)
+        state = loaded.get(checkpoint_key, loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict) or "history" not in state or "accountant" not in state:
+        raise ValueError(
+            "`privacy_state` must be a dict from `DPStrategy.privacy_state()` (keys 'accountant', 'history'), "
+            f"or the path of a file or checkpoint holding one; got {type(state).__name__}."
+        )
+    if state["accountant"] != accountant:
+        raise ValueError(
+            f"`privacy_state` was accounted with accountant={state['accountant']!r}, this strategy uses "
+            f"{accountant!r}: histories of different accountants do not compose. Use "
+            f"DPStrategy(accountant={state['accountant']!r})."
+        )
+    history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+    return history, state.get("non_private_reason") or None
+
+
 __all__ = [
     "ACCOUNTANT_NAMES",
     "MAX_TARGET_EPSILON",
@@ -238,6 +275,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "create_accountant",
     "epsilon_for",
+    "read_privacy_state",
     "validate_delta",
     "validate_epsilon_tolerance",
     "validate_target_epsilon",

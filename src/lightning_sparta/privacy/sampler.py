@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler
+
+from lightning_sparta._logging import warn
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -161,6 +163,67 @@ def split_batch(batch: Any, micro_batch_size: int) -> list[Any]:
     return [_slice_batch(batch, i, i + micro_batch_size) for i in range(0, size, micro_batch_size)]
 
 
+_DEFAULT_SAMPLERS = (RandomSampler, SequentialSampler)
+
+
+def expected_batch_size(dataloader: DataLoader) -> int:
+    """The expected Poisson batch size the user asked for, warning about any sampler that is replaced.
+
+    ``batch_size`` when the loader has one; otherwise the ``batch_size`` of the user's ``batch_sampler``.
+    ``shuffle`` and ``drop_last`` have no meaning under Poisson sampling and are ignored.
+    """
+    user_batch_sampler = dataloader.batch_size is None and dataloader.batch_sampler is not None
+    batch_size = getattr(dataloader.batch_sampler, "batch_size", None) if user_batch_sampler else dataloader.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        where = f"its batch_sampler {type(dataloader.batch_sampler).__name__}" if user_batch_sampler else "it"
+        raise ValueError(
+            f"The training DataLoader has no usable `batch_size` (found {batch_size!r} on {where}): DPStrategy "
+            "derives the sampling rate q = batch_size / len(dataset) from it. Give the DataLoader a `batch_size`."
+        )
+    sampler = getattr(dataloader.batch_sampler, "sampler", None) if user_batch_sampler else dataloader.sampler
+    replaced = []
+    if user_batch_sampler:
+        kind = type(dataloader.batch_sampler).__name__
+        replaced.append(f"batch_sampler {kind} (its batch_size={batch_size} is kept)")
+    if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
+        replaced.append(f"sampler {type(sampler).__name__}")
+    if replaced:
+        warn(
+            f"DPStrategy: the training DataLoader's {' and '.join(replaced)} is replaced by uniform Poisson "
+            f"sampling with expected batch size {batch_size}: the privacy analysis needs every example to enter "
+            "each batch independently with the same probability. Weighting, class balancing or any other "
+            "sampling order is not applied."
+        )
+    return batch_size
+
+
+def training_data(dataloader: object) -> tuple[DataLoader, int, int]:
+    """``(loader, n, expected batch size)`` of the user's training loader, or an error saying what to change.
+
+    Raises:
+        TypeError: if it is not a ``DataLoader`` over a map-style dataset.
+        ValueError: if the dataset is empty or the batch size missing or larger than the dataset.
+    """
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(
+            f"DPStrategy needs the training data as a torch DataLoader over a map-style dataset, got "
+            f"{type(dataloader).__name__}."
+        )
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"The training dataset is an IterableDataset ({type(dataset).__name__}): Poisson sampling "
+            "needs random access. Use a map-style dataset (with __getitem__ and __len__)."
+        )
+    num_samples = len(dataset)  # type: ignore[arg-type]
+    if num_samples == 0:
+        raise ValueError("The training dataset is empty: DP-SGD needs training data.")
+    batch_size = expected_batch_size(dataloader)
+    if batch_size > num_samples:
+        raise ValueError(f"The training DataLoader's batch_size={batch_size} exceeds the dataset size {num_samples}.")
+    return dataloader, num_samples, batch_size
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader over a :class:`PoissonBatchSampler` whose position survives checkpoints.
 
@@ -193,6 +256,20 @@ class DPDataLoader(DataLoader):
         self._epoch_fn = epoch_fn
         self._epoch_length_fn = epoch_length_fn
 
+    @classmethod
+    def replacing(cls, dataloader: DataLoader, sampler: PoissonBatchSampler, **kwargs: Any) -> DPDataLoader:
+        """``dataloader``'s dataset, workers and collate function over ``sampler``; ``kwargs`` as in ``__init__``."""
+        return cls(
+            dataloader.dataset,
+            batch_sampler=sampler,
+            num_workers=dataloader.num_workers,
+            collate_fn=EmptyBatchCollate(dataloader.collate_fn, dataloader.dataset),
+            pin_memory=dataloader.pin_memory,
+            worker_init_fn=dataloader.worker_init_fn,
+            persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
+            **kwargs,
+        )
+
     def __iter__(self) -> Any:
         if self._epoch_fn is not None:
             self.batch_sampler.set_epoch(self._epoch_fn())
@@ -217,6 +294,8 @@ __all__ = [
     "EmptyBatchCollate",
     "PoissonBatchSampler",
     "batch_size_of",
+    "expected_batch_size",
     "split_batch",
     "steps_per_epoch",
+    "training_data",
 ]
