@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> str:
         picked = "ghost" if clipping._gemm_prefers_ghost(terms) else "materialised"
         agree += faster == picked
         ratio = t * (d_in + d_out) / (d_in * d_out)
+        grouped = f" (×{groups} groups)" if groups > 1 else ""
         lines.append(
-            f"| {label} | {t} | {d_in} | {d_out}{f' (×{groups} groups)' if groups > 1 else ''} | {ratio:.2f} | {ghost_ms:.1f} | {mat_ms:.1f} | {faster} | {picked} |"
+            f"| {label} | {t} | {d_in} | {d_out}{grouped} | {ratio:.2f} | {ghost_ms:.1f} | {mat_ms:.1f} "
+            f"| {faster} | {picked} |"
         )
     lines += ["", f"The rule picks the faster path for {agree} of {len(LAYERS)} layers."]
     text = "\n".join(lines)

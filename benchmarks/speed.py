@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each row's steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every row this many times, interleaved (all rows of a model, then again), and report the run "
+        "with the median CPU-time throughput: ratios then resist the machine's drift between rows",
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help=f"also time {SWEEP_ROWS} at batch sizes {SWEEP_BATCHES} (table and plot of cost versus batch size)",
@@ -101,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name}: unknown {sorted(unknown)}, choose from {allowed}")
     if args.image_size < 16 or args.image_size % 4:
         parser.error(f"--image-size must be a multiple of 4 (DeiT's patch size) and at least 16, got {args.image_size}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1 or args.dataset_size < args.batch_size:
         parser.error("need --steps >= 1, --warmup >= 1 and --batch-size <= --dataset-size")
     return args
@@ -391,6 +400,31 @@ def _ratio(value: float, reference: dict[str, Any] | None, key: str) -> str:
     return f"{value / reference[key]:.2f}×"
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median CPU-time throughput (the lower middle one for an even count), with every
+    run's throughput in ``repeat_samples_per_cpu_s``; the first failure if any run failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["samples_per_cpu_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeat_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs]}
+
+
+def spread_section(results: list[dict[str, Any]]) -> str:
+    """Per row, the range of CPU-time throughput over the interleaved runs (empty for single runs)."""
+    lines = [
+        f"- {r['model']} / {r['row']}: {min(v):.1f}-{max(v):.1f} samples/CPU-s (median {r['samples_per_cpu_s']:.1f})"
+        for r in results
+        if len(v := r.get("repeat_samples_per_cpu_s", [])) > 1
+    ]
+    if not lines:
+        return ""
+    count = len(results[0].get("repeat_samples_per_cpu_s", []))
+    return f"\nSpread over the {count} interleaved runs of each row (the tables show the median run):\n\n" + "\n".join(
+        lines
+    )
+
+
 def markdown_table(results: list[dict[str, Any]], speed_key: str = "samples_per_s") -> str:
     """The results table; ``speed_key`` picks wall-clock (default) or CPU-time throughput."""
     unit = "samples/s" if speed_key == "samples_per_s" else "samples/CPU-s"
@@ -549,14 +583,20 @@ def main(argv: list[str] | None = None) -> None:
         f"device={args.device} ({machine}), torch {torch.__version__}, threads={args.threads}, "
         f"batch={args.batch_size}, N={args.dataset_size}, warmup={args.warmup}, steps={args.steps}, "
         f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}"
+        + (f", {args.repeats} interleaved runs per row (median shown)" if args.repeats > 1 else "")
     )
     print(header, flush=True)
     results = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
+            runs: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+            for repeat in range(args.repeats):
+                for row in rows:
+                    label = f"run {repeat + 1}/{args.repeats}" if args.repeats > 1 else ""
+                    runs[row].append(_run_child(args, model, row, tmp, label=label))
             for row in rows:
-                result = _run_child(args, model, row, tmp)
+                result = median_run(runs[row])
                 results.append(result)
                 if "error" in result:
                     continue
@@ -600,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU-time throughput (time.process_time per step; less sensitive to other processes):\n\n"
         f"{markdown_table(results, 'samples_per_cpu_s')}\n"
         f"{norm_paths_section(results)}"
+        f"{spread_section(results)}"
     )
     out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
