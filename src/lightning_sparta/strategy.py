@@ -58,7 +58,7 @@ from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
 from lightning_sparta.privacy.clipping import CLIPPING_MODES, ClippingMode, create_clipping_engine
 from lightning_sparta.privacy.guards import check_one_training_loader, check_trainer, refuse_unclipped_gradients
 from lightning_sparta.privacy.noise import secure_normal, step_noise
-from lightning_sparta.privacy.per_sample import PerSampleGradients
+from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
 from lightning_sparta.privacy.sampler import (
     DPDataLoader,
     PoissonBatchSampler,
@@ -594,37 +594,13 @@ class DPStrategy(DDPStrategy):
             # the first-step sum check compares with autograd's batch gradients: keep them for that pass
             self.engine.skip_ghost_parameter_gradients = not self._verify_next
             output = super().training_step(micro, *rest, **kwargs)
-            loss, mean_loss = self._sum_of_losses(output, self._micro_batch_size)
+            loss, mean_loss, self.engine.loss_scale = sum_of_losses(output, self._micro_batch_size, self.loss_reduction)
             loss_sum = loss_sum + mean_loss * self._micro_batch_size
             if i < len(micro_batches) - 1:
                 loss.backward()
                 self._clip_and_accumulate()
         # Backpropagate the sum of per-sample losses of the last micro-batch; show the batch's mean loss.
         return _replace_loss(output, loss + (loss_sum / size - loss.detach()))
-
-    def _sum_of_losses(self, output: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss to backpropagate and the batch's mean loss (for display).
-
-        Sets the engine's loss scale so that per-sample gradients are those of each sample's own loss.
-        """
-        loss = output["loss"] if isinstance(output, dict) else output
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(
-                f"`training_step` must return a loss tensor or a dict with a 'loss' tensor, got {type(loss).__name__}."
-            )
-        if loss.dim() == 1 and loss.shape[0] == batch_size:  # one loss per sample
-            self.engine.loss_scale = 1.0
-            return loss.sum(), loss.detach().mean()
-        if loss.dim() != 0:
-            raise ValueError(
-                f"`training_step` returned a loss of shape {tuple(loss.shape)}: return a scalar or one loss "
-                f"per sample (shape [{batch_size}])."
-            )
-        if self.loss_reduction == "mean":
-            self.engine.loss_scale = float(batch_size)
-            return loss, loss.detach()
-        self.engine.loss_scale = 1.0
-        return loss, loss.detach() / batch_size
 
     @override
     def optimizer_step(

@@ -23,18 +23,26 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     "book-keeping"): no second backward pass and no per-sample tensor. ``"auto"`` picks per layer the
     cheaper of the ghost norm and a materialised norm (Bu et al. 2022, "mixed ghost clipping"),
     comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
-    measured by ``benchmarks/norm_paths.py``); a materialised norm is computed in chunks of samples
-    and dropped, the sum still comes from the book-keeping product. ``"ghost"`` takes the ghost norm
-    wherever a ghost form exists. Biases (``Σ_t b_i``), normalisation layers,
-    ViT's broadcast ``cls_token``/``pos_embed`` and every layer without a ghost form keep their
-    (cheap) per-sample gradients.
+    measured by ``benchmarks/norm_paths.py``). A materialised norm is computed in cache-sized chunks of
+    samples (:data:`CACHE_ELEMENTS`) and dropped, except that layers are kept whole, for the clipped
+    sum too, while the kept per-sample gradients stay within :data:`CHUNK_ELEMENTS` in all. A
+    convolution with many output positions is materialised as one convolution with the samples as
+    groups (:data:`GROUPED_CONV_MIN_T`), otherwise as the product of unfolded patches and output
+    gradients. ``"ghost"`` takes the ghost norm wherever a ghost form exists. Biases (``Σ_t b_i``),
+    normalisation layers, ViT's broadcast ``cls_token``/``pos_embed`` and every layer without a ghost
+    form keep their (cheap) per-sample gradients.
 
 The row-sparse layers' ghost forms restrict ``b`` to the k selected rows (a grouped conv's selected
 filter reads its own group's channels only), so their cost falls with k like their grad samplers'.
 
-SPARTA's scoring needs ``Σ_i c_i |g_i|``, which has no product form: :meth:`ClippingEngine.accumulate`
-materialises the scored parameters' per-sample gradients there, in chunks of samples, with the clip
-factors from the ghost norms.
+SPARTA's scoring needs ``Σ_i c_i |g_i|``, which has no product form when a layer sees more than one
+position: :meth:`ClippingEngine.accumulate` materialises the scored parameters' per-sample gradients
+there, in cache-sized chunks of samples, with the clip factors from the ghost norms. With one position
+(a Linear on ``[B, d]``, a conv with a 1×1 output) ``|b_iᵀ a_i| = |b_i|ᵀ |a_i|``, and the sum is one
+product like the book-keeping one.
+
+The hooks record each layer's output gradient as autograd computed it for the (mean-reduced) loss; the
+loss scale that turns it into the per-sample gradient is applied to the norms and the clip factors.
 
 Norms, clip factors and sums are computed in at least float32 whatever the parameters' dtype.
 """

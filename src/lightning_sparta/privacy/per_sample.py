@@ -558,6 +558,34 @@ class _Capture:
         self.engine.enabled = False
 
 
+def sum_of_losses(output: Any, batch_size: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(loss to backpropagate, the batch's mean loss for display, loss scale)`` of a ``training_step`` output.
+
+    The loss scale is what the hooks multiply the recorded output gradients by so that per-sample
+    gradients are those of each sample's own loss: the batch size for a mean-reduced scalar loss, 1 for
+    a summed one or for one loss per sample (``[batch]``, summed here).
+
+    Raises:
+        TypeError: if the output holds no loss tensor.
+        ValueError: if the loss is neither a scalar nor one loss per sample.
+    """
+    loss = output["loss"] if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"`training_step` must return a loss tensor or a dict with a 'loss' tensor, got {type(loss).__name__}."
+        )
+    if loss.dim() == 1 and loss.shape[0] == batch_size:  # one loss per sample
+        return loss.sum(), loss.detach().mean(), 1.0
+    if loss.dim() != 0:
+        raise ValueError(
+            f"`training_step` returned a loss of shape {tuple(loss.shape)}: return a scalar or one loss "
+            f"per sample (shape [{batch_size}])."
+        )
+    if reduction == "mean":
+        return loss, loss.detach(), float(batch_size)
+    return loss, loss.detach() / batch_size, 1.0
+
+
 __all__ = [
     "ModulePath",
     "PerSampleGradients",
@@ -565,4 +593,5 @@ __all__ = [
     "register_broadcast_parameters",
     "register_path_note",
     "register_sampler_output",
+    "sum_of_losses",
 ]
