@@ -25,7 +25,7 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
     measured by ``benchmarks/norm_paths.py``). A materialised norm is computed in cache-sized chunks of
     samples (:data:`CACHE_ELEMENTS`) and dropped, except that layers are kept whole, for the clipped
-    sum too, while the kept per-sample gradients stay within :data:`CHUNK_ELEMENTS` in all. A
+    sum too, while the kept per-sample gradients stay within :data:`KEEP_ELEMENTS` in all. A
     convolution with many output positions is materialised as one convolution with the samples as
     groups (:data:`GROUPED_CONV_MIN_T`), otherwise as the product of unfolded patches and output
     gradients. ``"ghost"`` takes the ghost norm wherever a ghost form exists. Biases (``Σ_t b_i``),
@@ -66,6 +66,12 @@ CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
 # Elements of one temporary (unfolded patches, Gram matrices, per-sample gradients) before a
 # computation is split into chunks of samples: 2**24 float32 values = 64 MiB.
 CHUNK_ELEMENTS = 2**24
+
+# Materialised per-sample gradients kept from the norm for the clipped sum (instead of a book-keeping
+# product), while they hold at most this many elements in all: 2M float32 values (8 MiB) keep the small
+# ones (depthwise filters); ResNet-18-GN's peak memory was 1.52x non-private with 16M, 1.25x with 2M
+# (speed.py --repeats 3, same speed within the run-to-run spread).
+KEEP_ELEMENTS = 2**21
 
 # Per-sample gradients that are only reduced (a norm not kept for the sum, SPARTA's Σ c_i |g_i|) are
 # materialised in chunks of about 2 MiB, which stay in the CPU's cache between the product that writes
@@ -460,13 +466,13 @@ class GhostClipping(ClippingEngine):
 
     def squared_norms(self) -> torch.Tensor:
         total = super().squared_norms()
-        kept = 0  # elements of the per-sample gradients kept for the sums (at most CHUNK_ELEMENTS in all)
+        kept = 0  # elements of the per-sample gradients kept for the sums (at most KEEP_ELEMENTS in all)
         for group in self._terms().values():
             terms = group.terms
             if isinstance(terms[0], GemmTerm):
                 ghost = not self.mixed or _gemm_prefers_ghost(terms)  # type: ignore[arg-type]
                 batch, numel = terms[0].batch_size, terms[0].param.numel()
-                if not ghost and kept + batch * numel <= CHUNK_ELEMENTS:  # one piece: keep it for the sums
+                if not ghost and kept + batch * numel <= KEEP_ELEMENTS:  # keep it for the sums
                     kept += batch * numel
                     group.per_sample = _gemm_materialised(terms, 0, batch)  # type: ignore[arg-type]
                     norms = _materialised_squared_norms(group.per_sample)
@@ -776,8 +782,11 @@ def embedding_ghost_form(module: nn.Embedding, inputs: list, grad_output: torch.
 _register_sparse_and_timm()
 
 __all__ = [
+    "CACHE_ELEMENTS",
     "CHUNK_ELEMENTS",
     "CLIPPING_MODES",
+    "GROUPED_CONV_MIN_T",
+    "KEEP_ELEMENTS",
     "ClippingEngine",
     "ClippingMode",
     "DenseTerm",
