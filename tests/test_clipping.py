@@ -155,6 +155,7 @@ def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode, monk
         monkeypatch.setattr(clipping, "CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(clipping, "CACHE_ELEMENTS", 1)
         monkeypatch.setattr(clipping, "KEEP_ELEMENTS", 0)  # materialised norms dropped, sums by book-keeping
+        monkeypatch.setattr(clipping, "KEEP_GROUPED_ELEMENTS", 0)
         monkeypatch.setattr(clipping, "GROUPED_CONV_MIN_T", 1)
         mode = "auto"
     torch.manual_seed(0)

@@ -25,12 +25,13 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     comparing ``T²(d_in + d_out)`` with ``T·d_in·d_out`` per group (:data:`GHOST_ADVANTAGE`,
     measured by ``benchmarks/norm_paths.py``). A materialised norm is computed in cache-sized chunks of
     samples (:data:`CACHE_ELEMENTS`) and dropped, except that layers are kept whole, for the clipped
-    sum too, while the kept per-sample gradients stay within :data:`KEEP_ELEMENTS` in all. A
-    convolution with many output positions is materialised as one convolution with the samples as
-    groups (:data:`GROUPED_CONV_MIN_T`), otherwise as the product of unfolded patches and output
-    gradients. ``"ghost"`` takes the ghost norm wherever a ghost form exists. Biases (``Σ_t b_i``),
-    normalisation layers, ViT's broadcast ``cls_token``/``pos_embed`` and every layer without a ghost
-    form keep their (cheap) per-sample gradients.
+    sum too, while the kept per-sample gradients stay within :data:`KEEP_ELEMENTS` in all
+    (:data:`KEEP_GROUPED_ELEMENTS` for grouped convs). A convolution with many output positions is
+    materialised as one convolution with the samples as groups (:data:`GROUPED_CONV_MIN_T`), otherwise
+    as the product of unfolded patches and output gradients. ``"ghost"`` takes the ghost norm wherever
+    a ghost form exists. Biases (``Σ_t b_i``), normalisation layers, ViT's broadcast
+    ``cls_token``/``pos_embed`` and every layer without a ghost form keep their (cheap) per-sample
+    gradients.
 
 The row-sparse layers' ghost forms restrict ``b`` to the k selected rows (a grouped conv's selected
 filter reads its own group's channels only), so their cost falls with k like their grad samplers'.
@@ -67,11 +68,14 @@ CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
 # computation is split into chunks of samples: 2**24 float32 values = 64 MiB.
 CHUNK_ELEMENTS = 2**24
 
-# Materialised per-sample gradients kept from the norm for the clipped sum (instead of a book-keeping
-# product), while they hold at most this many elements in all: 2M float32 values (8 MiB) keep the small
-# ones (depthwise filters); ResNet-18-GN's peak memory was 1.52x non-private with 16M, 1.25x with 2M
-# (speed.py --repeats 3, same speed within the run-to-run spread).
+# Materialised per-sample gradients kept from the norm for the clipped sum, instead of a book-keeping
+# product, while they hold at most these many elements in all. Grouped convs (depthwise filters) have a
+# budget of their own: their book-keeping product, a grouped conv's weight gradient, is 2-4x slower than
+# materialising them on CPU, so keeping EfficientNet-Lite0's (12M elements at 32 px) took its DP step from
+# 0.64x to 0.83x of non-private. For the other layers keeping saves little time and costs memory:
+# ResNet-18-GN's peak was 1.75x non-private keeping 10M elements, 1.41x keeping 2M (speed.py --repeats 3).
 KEEP_ELEMENTS = 2**21
+KEEP_GROUPED_ELEMENTS = 2**24
 
 # Per-sample gradients that are only reduced (a norm not kept for the sum, SPARTA's Σ c_i |g_i|) are
 # materialised in chunks of about 2 MiB, which stay in the CPU's cache between the product that writes
@@ -464,17 +468,32 @@ class GhostClipping(ClippingEngine):
             sizes += [(p, term.batch_size) for term in group.terms]
         return sizes
 
+    def _kept(self, groups: Iterable[_Group]) -> set[int]:
+        """The materialised weights (by group id) whose per-sample gradients are kept for the sums.
+
+        In the model's order, within :data:`KEEP_GROUPED_ELEMENTS` in all for grouped convs (depthwise
+        filters, whose book-keeping product is slow) and :data:`KEEP_ELEMENTS` for the other layers.
+        """
+        kept, totals = set(), {True: 0, False: 0}
+        for g in groups:
+            if not (isinstance(g.terms[0], GemmTerm) and self.mixed and not _gemm_prefers_ghost(g.terms)):  # type: ignore[arg-type]
+                continue
+            grouped = g.terms[0].shape[1] > 1
+            size = g.terms[0].batch_size * g.terms[0].param.numel()
+            if totals[grouped] + size <= (KEEP_GROUPED_ELEMENTS if grouped else KEEP_ELEMENTS):
+                kept.add(id(g))
+                totals[grouped] += size
+        return kept
+
     def squared_norms(self) -> torch.Tensor:
         total = super().squared_norms()
-        kept = 0  # elements of the per-sample gradients kept for the sums (at most KEEP_ELEMENTS in all)
+        kept = self._kept(self._terms().values())
         for group in self._terms().values():
             terms = group.terms
             if isinstance(terms[0], GemmTerm):
                 ghost = not self.mixed or _gemm_prefers_ghost(terms)  # type: ignore[arg-type]
-                batch, numel = terms[0].batch_size, terms[0].param.numel()
-                if not ghost and kept + batch * numel <= KEEP_ELEMENTS:  # keep it for the sums
-                    kept += batch * numel
-                    group.per_sample = _gemm_materialised(terms, 0, batch)  # type: ignore[arg-type]
+                if id(group) in kept:  # materialised in one piece and kept for the sums
+                    group.per_sample = _gemm_materialised(terms, 0, terms[0].batch_size)  # type: ignore[arg-type]
                     norms = _materialised_squared_norms(group.per_sample)
                 else:
                     norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
@@ -787,6 +806,7 @@ __all__ = [
     "CLIPPING_MODES",
     "GROUPED_CONV_MIN_T",
     "KEEP_ELEMENTS",
+    "KEEP_GROUPED_ELEMENTS",
     "ClippingEngine",
     "ClippingMode",
     "DenseTerm",
