@@ -410,7 +410,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ordered[(len(ordered) - 1) // 2], "repeat_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs]}
 
 
-def spread_section(results: list[dict[str, Any]]) -> str:
+def spread_section(results: list[dict[str, Any]], repeats: int) -> str:
     """Per row, the range of CPU-time throughput over the interleaved runs (empty for single runs)."""
     lines = [
         f"- {r['model']} / {r['row']}: {min(v):.1f}-{max(v):.1f} samples/CPU-s (median {r['samples_per_cpu_s']:.1f})"
@@ -419,10 +419,8 @@ def spread_section(results: list[dict[str, Any]]) -> str:
     ]
     if not lines:
         return ""
-    count = len(results[0].get("repeat_samples_per_cpu_s", []))
-    return f"\nSpread over the {count} interleaved runs of each row (the tables show the median run):\n\n" + "\n".join(
-        lines
-    )
+    heading = f"\nSpread over the {repeats} interleaved runs of each row (the tables show the median run):\n\n"
+    return heading + "\n".join(lines)
 
 
 def markdown_table(results: list[dict[str, Any]], speed_key: str = "samples_per_s") -> str:
@@ -640,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU-time throughput (time.process_time per step; less sensitive to other processes):\n\n"
         f"{markdown_table(results, 'samples_per_cpu_s')}\n"
         f"{norm_paths_section(results)}"
-        f"{spread_section(results)}"
+        f"{spread_section(results, args.repeats)}"
     )
     out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

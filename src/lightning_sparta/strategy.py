@@ -55,7 +55,7 @@ from lightning_sparta.privacy.accountant import (
     warn_if_delta_too_large,
 )
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
-from lightning_sparta.privacy.clipping import CLIPPING_MODES, ClippingMode, create_clipping_engine
+from lightning_sparta.privacy.clipping import ClippingMode, create_clipping_engine
 from lightning_sparta.privacy.guards import check_one_training_loader, check_trainer, refuse_unclipped_gradients
 from lightning_sparta.privacy.noise import secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
@@ -176,7 +176,6 @@ class DPStrategy(DDPStrategy):
             accountant=accountant,
             physical_batch_size=physical_batch_size,
             loss_reduction=loss_reduction,
-            clipping=clipping,
             batchnorm=batchnorm,
             seed=seed,
             secure_mode=secure_mode,
@@ -875,7 +874,6 @@ def _validate_arguments(
     accountant: Any,
     physical_batch_size: Any,
     loss_reduction: Any,
-    clipping: Any,
     batchnorm: Any,
     seed: Any,
     secure_mode: Any,
@@ -908,8 +906,6 @@ def _validate_arguments(
         raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {clipping!r}.")
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}.")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):

@@ -256,7 +256,7 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     per_sample, limit = (groups * t * (2 * t + p + o), None) if ghost else (groups * p * o, CACHE_ELEMENTS)
     for lo, hi in _chunks(batch, per_sample, limit):
         if not ghost:
-            out.append(_materialised_squared_norms(_gemm_materialised(terms, lo, hi)))
+            out.append(_materialised_squared_norms(_materialised(terms, lo, hi)))
             continue
         a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
         b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
@@ -267,11 +267,14 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _gemm_materialised(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor:
-    """The per-sample gradient of samples ``lo:hi`` over all calls, ``[hi - lo, *param.shape]``."""
-    total = terms[0].materialise(lo, hi)
+def _materialised(terms: list[_Term], lo: int, hi: int) -> torch.Tensor:
+    """The per-sample gradient of samples ``lo:hi`` over all calls, ``[hi - lo, *param.shape]``.
+
+    A single :class:`DenseTerm` returns (a view of) its own storage; anything else is a fresh tensor.
+    """
+    total = terms[0].materialise(lo, hi)  # type: ignore[attr-defined]
     for term in terms[1:]:
-        total = total + term.materialise(lo, hi)
+        total = total + term.materialise(lo, hi)  # type: ignore[attr-defined]
     return total
 
 
@@ -493,7 +496,7 @@ class GhostClipping(ClippingEngine):
             if isinstance(terms[0], GemmTerm):
                 ghost = not self.mixed or _gemm_prefers_ghost(terms)  # type: ignore[arg-type]
                 if id(group) in kept:  # materialised in one piece and kept for the sums
-                    group.per_sample = _gemm_materialised(terms, 0, terms[0].batch_size)  # type: ignore[arg-type]
+                    group.per_sample = _materialised(terms, 0, terms[0].batch_size)  # type: ignore[arg-type]
                     norms = _materialised_squared_norms(group.per_sample)
                 else:
                     norms = _gemm_squared_norms(terms, ghost)  # type: ignore[arg-type]
@@ -563,12 +566,10 @@ def _absolute_sum(terms: list[_Term], p: nn.Parameter, factors: torch.Tensor) ->
         if product is not None:
             return product
     total: torch.Tensor | None = None
+    fresh = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # see _materialised
     for lo, hi in _chunks(terms[0].batch_size, p.numel(), CACHE_ELEMENTS):
-        g = terms[0].materialise(lo, hi)  # type: ignore[attr-defined]
-        for term in terms[1:]:
-            g = g + term.materialise(lo, hi)  # type: ignore[attr-defined]
-        fresh = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # a DenseTerm returns its own storage
-        g = g.reshape(hi - lo, -1).abs_() if fresh else g.reshape(hi - lo, -1).abs()
+        g = _materialised(terms, lo, hi).reshape(hi - lo, -1)
+        g = g.abs_() if fresh else g.abs()
         part = g.T @ factors[lo:hi].to(g.dtype)
         total = part if total is None else total.add_(part)
     assert total is not None
@@ -576,8 +577,7 @@ def _absolute_sum(terms: list[_Term], p: nn.Parameter, factors: torch.Tensor) ->
 
 
 def _dense_squared_norms(terms: list[_Term]) -> torch.Tensor:
-    total = sum(term.materialise(0, term.batch_size) for term in terms)  # type: ignore[attr-defined]
-    return _materialised_squared_norms(total)
+    return _materialised_squared_norms(_materialised(terms, 0, terms[0].batch_size))
 
 
 def _add(sums: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, value: torch.Tensor) -> None:
