@@ -22,6 +22,7 @@ from lightning_sparta.sparse import (
     sparsify_,
 )
 from lightning_sparta.sparse.grad_samplers import compute_layer_scale_grad_sample
+from lightning_sparta.sparse.layers import select_channels
 
 # Opacus' hooks warn when the module input does not require grad, as in these isolated layers.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -109,6 +110,18 @@ def test_sparse_per_sample_grads(case: str, bias: str) -> None:
     if bias == "frozen":
         sparse.bias.requires_grad_(False)
     assert_per_sample_grads_match(sparse, x)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((4, 7, 9), -1), ((4, 9, 7), 1), ((9, 4), 0), ((2, 9, 3, 5), 1), ((9,), 0), ((2, 3, 9), 2)]
+)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_select_channels_is_index_select(shape: tuple[int, ...], dim: int, contiguous: bool) -> None:
+    t = torch.randn(*shape)
+    if not contiguous:  # a permuted view with the same shape
+        t = torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
+    index = torch.tensor([8, 0, 3, 4])
+    assert torch.equal(select_channels(t, dim, index), t.index_select(dim, index))
 
 
 def test_row_sparse_grad_sample_has_k_rows() -> None:

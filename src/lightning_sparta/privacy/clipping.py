@@ -60,6 +60,7 @@ from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
 
 from lightning_sparta.privacy.per_sample import PerSampleGradients
+from lightning_sparta.sparse.layers import select_channels
 
 ClippingMode = Literal["auto", "per_sample", "ghost"]
 CLIPPING_MODES: tuple[str, ...] = ("auto", "per_sample", "ghost")
@@ -616,7 +617,7 @@ def _linear_terms(
     if _trainable(bias):
         terms.append(DenseTerm(bias, _wide(b).sum(1)))
     if _trainable(weight):
-        bw = b if rows is None else b.index_select(-1, rows)
+        bw = b if rows is None else select_channels(b, -1, rows)
         t, p, o = a.shape[1], a.shape[2], bw.shape[2]
 
         def clipped_sum(c: torch.Tensor, a=a, bw=bw) -> torch.Tensor:
@@ -733,7 +734,7 @@ def _register_sparse_and_timm() -> None:
         terms: list[_Term] = []
         if _trainable(module.bias):
             terms.append(DenseTerm(module.bias, _wide(grad_output).sum((2, 3))))
-        selected = grad_output.index_select(1, module.rows)
+        selected = select_channels(grad_output, 1, module.rows)
         if module.groups == 1:
             rows_input, groups = x, 1
         else:  # the selected filters' own channels, so that a conv with groups=k gives them

@@ -29,7 +29,13 @@ from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, LayerScale, LayerSca
 from timm.layers.padding import pad_same
 from torch import nn
 
-from lightning_sparta.sparse.layers import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear
+from lightning_sparta.sparse.layers import (
+    MaskedConv2d,
+    MaskedLinear,
+    RowSparseConv2d,
+    RowSparseLinear,
+    select_channels,
+)
 
 __all__ = [
     "compute_conv2d_grad_sample",
@@ -90,7 +96,7 @@ def compute_row_sparse_linear_grad_sample(
     x = activations[0].to(backprops.dtype)
     grads = _bias_grads(layer, backprops, channels_last=True)
     if layer.weight_rows.requires_grad:
-        grads[layer.weight_rows] = torch.einsum("n...k,n...i->nki", backprops.index_select(-1, layer.rows), x)
+        grads[layer.weight_rows] = torch.einsum("n...k,n...i->nki", select_channels(backprops, -1, layer.rows), x)
     return grads
 
 
@@ -112,7 +118,7 @@ def compute_row_sparse_conv2d_grad_sample(
     grads = _bias_grads(layer, backprops, channels_last=False)
     if layer.weight_rows.requires_grad:
         n, k = len(x), layer.num_rows
-        selected = backprops.index_select(1, layer.rows).flatten(2)  # [B, k, L]
+        selected = select_channels(backprops, 1, layer.rows).flatten(2)  # [B, k, L]
         if layer.groups == 1:  # every filter reads every input channel
             weight_grads = torch.einsum("nkl,ncl->nkc", selected, _unfold(layer, x))
         else:  # filter j reads only its group's channels: patches of the gathered input, block j

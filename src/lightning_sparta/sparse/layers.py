@@ -38,7 +38,21 @@ __all__ = [
     "RowSparseLinear",
     "UnsupportedForwardError",
     "check_dense",
+    "select_channels",
 ]
+
+
+def select_channels(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index)``, computed on a ``[before, channels, after]`` view of ``t``.
+
+    The same values; on CPU, ``index_select`` over the last dimension of a 3-D tensor (a Linear's
+    ``[B, T, out]`` output gradient) runs a slow per-element loop, 4-8x slower than over the middle
+    dimension of this view, and a conv's ``[B, C, H, W]`` is up to 3x slower too.
+    """
+    dim = dim % t.dim()
+    shape = t.shape
+    flat = t.reshape(shape[:dim].numel(), shape[dim], -1).index_select(1, index)
+    return flat.view(*shape[:dim], index.numel(), *shape[dim + 1 :])
 
 
 class UnsupportedForwardError(ValueError):
