@@ -148,7 +148,11 @@ def _run(model: nn.Module, x: torch.Tensor, mode: str, clip_quantile: float = 0.
     )
 
 
-@pytest.mark.parametrize("mode", [*MODES, "auto-small-chunks"])
+def _two_sample_chunks(batch: int, per_sample: int, limit: int | None = None):
+    return ((lo, min(batch, lo + 2)) for lo in range(0, batch, 2))
+
+
+@pytest.mark.parametrize("mode", [*MODES, "auto-small-chunks", "auto-uneven-chunks"])
 @pytest.mark.parametrize(("name", "layer", "inputs"), CASES, ids=[c[0] for c in CASES])
 def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode, monkeypatch):
     if mode == "auto-small-chunks":  # chunked loops sample by sample, every conv as a grouped conv, nothing kept
@@ -157,6 +161,11 @@ def test_norms_and_clipped_sums_equal_torch_func(name, layer, inputs, mode, monk
         monkeypatch.setattr(clipping, "KEEP_ELEMENTS", 0)  # materialised norms dropped, sums by book-keeping
         monkeypatch.setattr(clipping, "KEEP_GROUPED_ELEMENTS", 0)
         monkeypatch.setattr(clipping, "GROUPED_CONV_MIN_T", 1)
+        mode = "auto"
+    if mode == "auto-uneven-chunks":  # chunks of two samples, the last one shorter on odd batches: the
+        monkeypatch.setattr(clipping, "_chunks", _two_sample_chunks)  # reused buffer is sliced
+        monkeypatch.setattr(clipping, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(clipping, "KEEP_GROUPED_ELEMENTS", 0)
         mode = "auto"
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)

@@ -145,6 +145,14 @@ class _Term:
     param: nn.Parameter
     batch_size: int
 
+    def materialise(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample gradients of samples ``lo:hi``, ``[hi - lo, *param.shape]``, float32 or wider.
+
+        ``out``, if given, is a buffer of that shape and dtype the term may write the result into
+        (and return); a term may also ignore it and return a fresh tensor or a view of its own storage.
+        """
+        raise NotImplementedError
+
 
 class DenseTerm(_Term):
     """An explicit per-sample gradient ``[B, *param.shape]`` (biases, and anything cheap)."""
@@ -154,7 +162,7 @@ class DenseTerm(_Term):
         self.per_sample = per_sample
         self.batch_size = per_sample.shape[0]
 
-    def materialise(self, lo: int, hi: int) -> torch.Tensor:
+    def materialise(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return _wide(self.per_sample[lo:hi])
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
@@ -193,12 +201,15 @@ class GemmTerm(_Term):
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         return self._clipped_sum(factors)
 
-    def materialise(self, lo: int, hi: int) -> torch.Tensor:
-        """The per-sample gradients of samples ``lo:hi``, ``[hi - lo, *param.shape]``, float32 or wider."""
+    def materialise(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._materialise is not None:
             return self._materialise(lo, hi)
-        g = torch.einsum("ngto,ngtp->ngop", _wide(self.grads(lo, hi)), _wide(self.patches(lo, hi)))
-        return g.reshape(hi - lo, *self.param.shape)  # [b, G, O, P]: the weight's own layout
+        grads, patches = _wide(self.grads(lo, hi)), _wide(self.patches(lo, hi))  # [b, G, T, O], [b, G, T, P]
+        _, groups, _, _, o = self.shape
+        if out is None:  # [b, G, O, P]: the weight's own layout
+            return torch.matmul(grads.transpose(-1, -2), patches).reshape(hi - lo, *self.param.shape)
+        torch.matmul(grads.transpose(-1, -2), patches, out=out.view(hi - lo, groups, o, -1))
+        return out
 
     def absolute_sum(self, factors: torch.Tensor) -> torch.Tensor | None:
         """``Σ_i c_i |g_i|`` without per-sample tensors when ``T = 1``, else ``None``.
@@ -212,7 +223,7 @@ class GemmTerm(_Term):
         a = _wide(self.patches(0, self.batch_size)).abs()  # [B, G, 1, P]
         b = _wide(self.grads(0, self.batch_size)).abs()  # [B, G, 1, O]
         b = b * factors.to(b.dtype)[:, None, None, None]
-        return torch.einsum("ngto,ngtp->gop", b, a).reshape(self.param.shape)
+        return torch.matmul(b[:, :, 0].permute(1, 2, 0), a[:, :, 0].transpose(0, 1)).reshape(self.param.shape)
 
 
 class EmbeddingTerm(_Term):
@@ -229,7 +240,7 @@ class EmbeddingTerm(_Term):
         scaled = grads * factors.to(grads.dtype)[:, None, None]
         return out.index_add_(0, self.indices.reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
 
-    def materialise(self, lo: int, hi: int) -> torch.Tensor:
+    def materialise(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         n, (rows, dim) = hi - lo, self.param.shape
         out = torch.zeros(n * rows, dim, dtype=_wide(self.grads).dtype, device=self.grads.device)
         offsets = torch.arange(n, device=self.indices.device)[:, None] * rows
@@ -254,11 +265,9 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     t = sum(term.shape[2] for term in terms)
     out = []
     # a materialised per-sample gradient is only reduced here: cache-sized chunks
-    per_sample, limit = (groups * t * (2 * t + p + o), None) if ghost else (groups * p * o, CACHE_ELEMENTS)
-    for lo, hi in _chunks(batch, per_sample, limit):
-        if not ghost:
-            out.append(_materialised_squared_norms(_materialised(terms, lo, hi)))
-            continue
+    if not ghost:
+        return torch.cat([_materialised_squared_norms(g) for _, _, g in _materialised_chunks(terms)])
+    for lo, hi in _chunks(batch, groups * t * (2 * t + p + o)):
         a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
         b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
         if t == 1:
@@ -268,15 +277,34 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _materialised(terms: list[_Term], lo: int, hi: int) -> torch.Tensor:
+def _materialised(terms: list[_Term], lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The per-sample gradient of samples ``lo:hi`` over all calls, ``[hi - lo, *param.shape]``.
 
-    A single :class:`DenseTerm` returns (a view of) its own storage; anything else is a fresh tensor.
+    A single :class:`DenseTerm` returns (a view of) its own storage; anything else is a fresh tensor
+    or ``out``, a buffer the first call may write into.
     """
-    total = terms[0].materialise(lo, hi)  # type: ignore[attr-defined]
+    total = terms[0].materialise(lo, hi, out)
     for term in terms[1:]:
-        total = total + term.materialise(lo, hi)  # type: ignore[attr-defined]
+        total = total + term.materialise(lo, hi)
     return total
+
+
+def _materialised_chunks(terms: list[_Term]) -> Iterable[tuple[int, int, torch.Tensor]]:
+    """``(lo, hi, per-sample gradients)`` over the batch in cache-sized chunks (:data:`CACHE_ELEMENTS`).
+
+    The gradients are fresh tensors the caller may change in place, and are overwritten by the next
+    chunk: the first chunk's tensor is the buffer of all the others (a fresh multi-MB tensor for every
+    chunk costs as much in page faults as computing it).
+    """
+    buffer: torch.Tensor | None = None
+    own = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # see _materialised
+    for lo, hi in _chunks(terms[0].batch_size, terms[0].param.numel(), CACHE_ELEMENTS):
+        g = _materialised(terms, lo, hi, None if buffer is None else buffer[: hi - lo])
+        if not own:
+            g = g.clone()
+        elif buffer is None:
+            buffer = g
+        yield lo, hi, g
 
 
 def _materialised_squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
@@ -567,12 +595,11 @@ def _absolute_sum(terms: list[_Term], p: nn.Parameter, factors: torch.Tensor) ->
         if product is not None:
             return product
     total: torch.Tensor | None = None
-    fresh = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # see _materialised
-    for lo, hi in _chunks(terms[0].batch_size, p.numel(), CACHE_ELEMENTS):
-        g = _materialised(terms, lo, hi).reshape(hi - lo, -1)
-        g = g.abs_() if fresh else g.abs()
-        part = g.T @ factors[lo:hi].to(g.dtype)
-        total = part if total is None else total.add_(part)
+    for lo, hi, g in _materialised_chunks(terms):
+        g = g.view(hi - lo, -1).abs_()
+        if total is None:
+            total = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+        total.addmv_(g.T, factors[lo:hi].to(g.dtype))  # += Σ_i c_i |g_i|, with no temporary
     assert total is not None
     return total.view(p.shape)
 
