@@ -273,7 +273,8 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
         if t == 1:
             out.append((a.square().sum(-1) * b.square().sum(-1)).sum((1, 2)))
         else:
-            out.append(((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3)))
+            gram = a @ a.transpose(-1, -2)  # [b, G, T, T]
+            out.append(gram.mul_(b @ b.transpose(-1, -2)).sum((1, 2, 3)))
     return torch.cat(out)
 
 
