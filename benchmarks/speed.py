@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -407,19 +408,43 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if failed:
         return failed[0]
     ordered = sorted(runs, key=lambda r: r["samples_per_cpu_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "repeat_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs]}
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "repeat_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs],
+        "repeat_steps": [r["steps"] for r in runs],
+    }
+
+
+def pooled_step_ms(result: dict[str, Any]) -> float | None:
+    """Median CPU milliseconds per sample over the timed steps of all runs of a row, pooled.
+
+    A second estimate beside the median run: a burst of the machine slows a few steps, and the median
+    over every step of every run ignores it, where a run's mean includes it.
+    """
+    steps = [(n, cpu) for run in result.get("repeat_steps", [result.get("steps", [])]) for n, _, cpu in run if n]
+    return statistics.median(1000 * cpu / n for n, cpu in steps) if steps else None
 
 
 def spread_section(results: list[dict[str, Any]], repeats: int) -> str:
-    """Per row, the range of CPU-time throughput over the interleaved runs (empty for single runs)."""
-    lines = [
-        f"- {r['model']} / {r['row']}: {min(v):.1f}-{max(v):.1f} samples/CPU-s (median {r['samples_per_cpu_s']:.1f})"
-        for r in results
-        if len(v := r.get("repeat_samples_per_cpu_s", [])) > 1
-    ]
+    """Per row, the range of CPU-time throughput over the interleaved runs and the pooled step median
+    against non-private's (empty for single runs)."""
+    plain = {r["model"]: pooled_step_ms(r) for r in results if r["row"] == "non-private" and "error" not in r}
+    lines = []
+    for r in results:
+        if len(v := r.get("repeat_samples_per_cpu_s", [])) < 2:
+            continue
+        line = f"- {r['model']} / {r['row']}: {min(v):.1f}-{max(v):.1f} samples/CPU-s"
+        line += f" (median {r['samples_per_cpu_s']:.1f})"
+        ms, base = pooled_step_ms(r), plain.get(r["model"])
+        if ms and base:
+            line += f"; pooled step median {ms:.1f} CPU-ms per sample, {base / ms:.2f}× non-private"
+        lines.append(line)
     if not lines:
         return ""
-    heading = f"\nSpread over the {repeats} interleaved runs of each row (the tables show the median run):\n\n"
+    heading = (
+        f"\nSpread over the {repeats} interleaved runs of each row (the tables show the median run), and the "
+        "median CPU time per sample over every timed step of every run (a second estimate that ignores bursts):\n\n"
+    )
     return heading + "\n".join(lines)
 
 

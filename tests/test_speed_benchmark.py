@@ -1,0 +1,61 @@
+"""Tests for the aggregation in ``benchmarks/speed.py`` (the timing itself is not tested: tests time nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(model: str, row: str, steps: list[tuple[int, float]]) -> dict:
+    cpu = sum(c for _, c in steps)
+    samples = sum(n for n, _ in steps)
+    return {
+        "model": model,
+        "row": row,
+        "steps": [(n, c, c) for n, c in steps],  # (samples, wall s, CPU s)
+        "samples_per_cpu_s": samples / cpu,
+        "cpu_seconds": cpu,
+    }
+
+
+def test_median_run_and_pooled_step_median(speed) -> None:
+    # three runs of 3 steps; run 2 has a burst (one step 10x slower) that drags its mean down
+    runs = [
+        _run("m", "dp", [(10, 1.0), (10, 1.1), (10, 0.9)]),
+        _run("m", "dp", [(10, 1.0), (10, 10.0), (10, 1.0)]),
+        _run("m", "dp", [(20, 2.4), (10, 1.2), (10, 1.3)]),
+    ]
+    result = speed.median_run(runs)
+    # means: 10.0, 2.5 and 8.0 samples/CPU-s -> the median run is the third one
+    assert result["samples_per_cpu_s"] == pytest.approx(40 / 4.9)
+    assert result["repeat_samples_per_cpu_s"] == [r["samples_per_cpu_s"] for r in runs]
+    # per-sample ms of the 9 steps: 100, 110, 90, 100, 1000, 100, 120, 120, 130 -> median 110
+    assert speed.pooled_step_ms(result) == pytest.approx(110.0)
+    # a single run's own steps when there are no repeats
+    assert speed.pooled_step_ms(runs[0]) == pytest.approx(100.0)
+
+
+def test_spread_section_reports_the_pooled_ratio(speed) -> None:
+    plain = speed.median_run([_run("m", "non-private", [(10, 0.5)] * 3), _run("m", "non-private", [(10, 0.6)] * 3)])
+    dp = speed.median_run([_run("m", "dp", [(10, 1.0)] * 3), _run("m", "dp", [(10, 1.0), (10, 9.0), (10, 1.0)])])
+    text = speed.spread_section([plain, dp], repeats=2)
+    # non-private steps: 50, 50, 50, 60, 60, 60 ms -> median 55; dp: 100 (x5), 900 -> median 100
+    assert "m / dp: " in text
+    assert "pooled step median 100.0 CPU-ms per sample, 0.55× non-private" in text
+    assert speed.spread_section([_run("m", "dp", [(10, 1.0)])], repeats=1) == ""
