@@ -294,8 +294,8 @@ def _materialised_chunks(terms: list[_Term]) -> Iterable[tuple[int, int, torch.T
     """``(lo, hi, per-sample gradients)`` over the batch in cache-sized chunks (:data:`CACHE_ELEMENTS`).
 
     The gradients are fresh tensors the caller may change in place, and are overwritten by the next
-    chunk: the first chunk's tensor is the buffer of all the others (a fresh multi-MB tensor for every
-    chunk costs as much in page faults as computing it).
+    chunk: the first chunk's tensor is the buffer of all the others. (With a fresh multi-MB tensor per
+    chunk and a separate product and add per chunk, ResNet-18's layer3 scoring sums took twice as long.)
     """
     buffer: torch.Tensor | None = None
     own = len(terms) > 1 or not isinstance(terms[0], DenseTerm)  # see _materialised
