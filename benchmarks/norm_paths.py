@@ -8,7 +8,8 @@ paths on the layer shapes of the benchmark models (DeiT-tiny at 32 px with patch
 picks, so the factor can be checked on another machine. The materialised path is the engine's own: a
 convolution with at least ``GROUPED_CONV_MIN_T`` output positions is materialised as one grouped
 convolution over the samples, anything else as a product of unfolded patches and output gradients,
-in cache-sized chunks of samples (``CACHE_ELEMENTS``).
+in cache-sized chunks of samples (``CACHE_ELEMENTS``). A last column times SPARTA's scoring sum of the
+same layer, ``Σ_i c_i |g_i|`` (materialised in the same chunks, or one product when T = 1).
 
 Run ``python benchmarks/norm_paths.py [--threads 1] [--batch-size 64]``; the table goes to stdout and
 to ``benchmarks/results/norm_paths_cpu.md``.
@@ -43,6 +44,7 @@ LAYERS: list[tuple[str, str, tuple[int, ...]]] = [
     ("ResNet layer1 3x3", "conv", (64, 8, 64, 3, 1, 1)),
     ("ResNet layer2 3x3/2", "conv", (64, 8, 128, 3, 2, 1)),
     ("ResNet layer2 3x3", "conv", (128, 4, 128, 3, 1, 1)),
+    ("ResNet layer3 3x3", "conv", (256, 2, 256, 3, 1, 1)),
     ("conv 3x3 at 16x16, 64 ch", "conv", (64, 16, 64, 3, 1, 1)),
     ("conv 3x3 at 16x16, 32 ch", "conv", (32, 16, 32, 3, 1, 1)),
     ("EfficientNet depthwise 3x3 at 16x16", "conv", (32, 16, 32, 3, 1, 1, 32)),
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> str:
         f'Rule of `clipping="auto"`: ghost when T²(d_in+d_out) ≤ {clipping.GHOST_ADVANTAGE:g} · T·d_in·d_out.',
         "",
         "| layer | T | d_in | d_out | ghost/materialised multiply-adds | ghost ms | materialised ms | faster "
-        "| rule picks |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| rule picks | scoring Σ c·abs(g) ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     agree = 0
     for label, kind, shape in LAYERS:
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> str:
         _, groups, t, d_in, d_out = terms[0].shape
         ghost_ms = cpu_ms(lambda terms=terms: clipping._gemm_squared_norms(terms, True), args.repeats)
         mat_ms = cpu_ms(lambda terms=terms: clipping._gemm_squared_norms(terms, False), args.repeats)
+        factors = torch.rand(args.batch_size)
+        score_ms = cpu_ms(
+            lambda terms=terms, factors=factors: clipping._absolute_sum(terms, terms[0].param, factors),
+            args.repeats,
+        )
         faster = "ghost" if ghost_ms <= mat_ms else "materialised"
         picked = "ghost" if clipping._gemm_prefers_ghost(terms) else "materialised"
         agree += faster == picked
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
         grouped = f" (×{groups} groups)" if groups > 1 else ""
         lines.append(
             f"| {label} | {t} | {d_in} | {d_out}{grouped} | {ratio:.2f} | {ghost_ms:.1f} | {mat_ms:.1f} "
-            f"| {faster} | {picked} |"
+            f"| {faster} | {picked} | {score_ms:.1f} |"
         )
     lines += ["", f"The rule picks the faster path for {agree} of {len(LAYERS)} layers."]
     text = "\n".join(lines)
