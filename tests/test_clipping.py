@@ -407,3 +407,56 @@ def test_opacus_ghost_clipping_uses_the_row_sparse_norm_samplers(name, layer, in
     wrapped = GradSampleModuleFastGradientClipping(model[0], loss_reduction="sum", strict=False)
     model[1](wrapped(x)).sum().backward()
     torch.testing.assert_close(wrapped.get_norm_sample(), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("checkpointing", ["timm", "reentrant"])
+def test_activation_checkpointing_gives_the_same_norms_and_sums(mode, checkpointing):
+    """Blocks recomputed in backward (timm's ``set_grad_checkpointing``, or reentrant checkpoints).
+
+    The recomputation runs every hooked module's forward a second time, inside the backward pass:
+    each call must still be counted once, with its own input and output gradient.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    vit = _tiny_vit()
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
+    params = {k: v.detach() for k, v in vit.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(vit, p, (xi[None],)), yi[None])
+
+    reference = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    expected = torch.stack([g.flatten(1).norm(dim=1) for g in reference.values()]).norm(dim=0)
+    names = {id(p): k for k, p in vit.named_parameters()}  # before the blocks are wrapped
+
+    if checkpointing == "timm":
+        vit.set_grad_checkpointing(True)
+    else:
+
+        class Checkpointed(nn.Module):
+            def __init__(self, blocks: nn.Module) -> None:
+                super().__init__()
+                self.blocks = blocks
+
+            def forward(self, h):
+                for block in self.blocks:
+                    h = checkpoint(block, h, use_reentrant=True)
+                return h
+
+        vit.blocks = Checkpointed(vit.blocks)
+    hooks = PerSampleGradients()
+    engine = create_clipping_engine(mode, hooks)
+    engine.attach(vit)
+    with hooks.capturing():
+        nn.functional.cross_entropy(vit(x), y, reduction="sum").backward()
+    engine.check_batch_dimension(5)
+    norms = engine.squared_norms().sqrt()
+    torch.testing.assert_close(norms, expected, rtol=1e-4, atol=1e-6)
+    sums = {}
+    engine.accumulate(sums, torch.ones(5))
+    for p, value in sums.items():
+        name = names[id(p)]
+        torch.testing.assert_close(value, reference[name].sum(0), rtol=1e-4, atol=1e-5, msg=name)
+    assert len(sums) == len(reference)
