@@ -3,7 +3,7 @@
 Each test reproduces one way a guarantee silently disappeared: noise or batches replayed by a second
 ``fit``, raw gradients reaching the optimizer, per-token clipping, several training loaders, DDP
 ranks that start from different weights, noise recomputable from a checkpoint, clipping in bf16,
-and samplers replaced without a word.
+samplers replaced without a word, and MixUp/CutMix mixing the samples of a batch.
 """
 
 from __future__ import annotations
@@ -302,3 +302,136 @@ def test_loader_built_while_configuring_optimizers_gets_the_rate_and_the_secret_
     assert strategy.sample_rate == pytest.approx(30 / 300)
     assert trainer.train_dataloader.batch_sampler.seed == strategy._seed
     assert strategy._seed not in (None, 0)
+
+
+# --------------------------------------------------------------------------------------------- 11
+def _images(n: int = 24) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+class _Mixing(TinyModule):
+    """A fine-tuning recipe that mixes the samples of a batch (MixUp/CutMix) in ``training_step``.
+
+    A mixed input is ``λ x_i + (1 - λ) x_j``: the gradient clipped as "sample i's" also carries sample
+    j's image and label, so one sample's influence on the update is no longer bounded by C.
+    """
+
+    def __init__(self, mixer):
+        super().__init__(dataset=_images())
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+        self.mixup_fn = mixer
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.mixup_fn(*batch)
+        return torch.sum(-y * F.log_softmax(self(x), dim=-1), dim=-1).mean()  # soft targets
+
+
+def _timm_mixup():
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3)
+
+
+def _torchvision_mixup():
+    from torchvision.transforms import v2
+
+    return v2.RandomChoice([v2.CutMix(num_classes=3), v2.MixUp(num_classes=3)])
+
+
+@pytest.mark.parametrize(
+    ("mixer", "named"),
+    [(_timm_mixup, r"`mixup_fn` \(timm.*Mixup\)"), (_torchvision_mixup, r"`mixup_fn.transforms\[0\]` \(.*CutMix\)")],
+    ids=["timm", "torchvision"],
+)
+def test_batch_mixing_in_the_module_is_refused(mixer, named):
+    module = _Mixing(mixer())
+    before = _flat(module)
+    with pytest.raises(ValueError, match=rf"mixes the samples of a batch, found {named}"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(module)
+    assert torch.equal(_flat(module), before)
+
+
+def _mix_globally(batch):
+    return _GLOBAL_MIXUP(*torch.utils.data.default_collate(batch))
+
+
+_GLOBAL_MIXUP = _torchvision_mixup()
+
+
+class _MixingCollate(_Mixing):
+    """MixUp/CutMix in the training loader's ``collate_fn`` (the pattern torchvision documents)."""
+
+    def __init__(self, collate):
+        super().__init__(lambda x, y: (x, y))  # the loader's batches are mixed already
+        self._collate = collate  # private: only the loader holds it
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=6, collate_fn=self._collate)
+
+
+def _closure_collate():
+    from torchvision.transforms import v2
+
+    mix = v2.MixUp(num_classes=3)
+    return lambda batch: mix(*torch.utils.data.default_collate(batch))
+
+
+@pytest.mark.parametrize(
+    ("collate", "named"),
+    [
+        (_closure_collate, r"`collate_fn` \(.*MixUp\)"),
+        (lambda: _mix_globally, r"`collate_fn.transforms\[0\]` \(.*CutMix\)"),
+    ],
+    ids=["closure", "global"],
+)
+def test_batch_mixing_in_the_collate_fn_is_refused(collate, named):
+    module = _MixingCollate(collate())
+    before = _flat(module)
+    with pytest.raises(ValueError, match=rf"mixes the samples of a batch, found {named}"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(module)
+    assert torch.equal(_flat(module), before)
+
+
+class _MixingCollateObject:
+    """A callable collate class that keeps its mixer in an attribute."""
+
+    def __init__(self):
+        from torchvision.transforms import v2
+
+        self.mix = v2.MixUp(num_classes=3)
+
+    def __call__(self, batch):
+        return self.mix(*torch.utils.data.default_collate(batch))
+
+
+def test_batch_mixers_are_found_in_partials_callable_objects_and_nested_attributes():
+    import functools
+
+    from torchvision.transforms import v2
+
+    from lightning_sparta.privacy.guards import check_no_batch_mixing
+
+    def mix_with(mixer, batch):
+        return mixer(*torch.utils.data.default_collate(batch))
+
+    partial = functools.partial(mix_with, v2.CutMix(num_classes=3))
+    with pytest.raises(ValueError, match=r"found `collate_fn` \(.*CutMix\)"):
+        check_no_batch_mixing(collate_fn=partial)
+    with pytest.raises(ValueError, match=r"found `collate_fn.mix` \(.*MixUp\)"):
+        check_no_batch_mixing(collate_fn=_MixingCollateObject())
+    module = TinyModule()
+    module.net[0].recipe = {"augment": [_timm_mixup()]}  # an attribute of a submodule, in a dict, in a list
+    with pytest.raises(ValueError, match=r"found `net.0.recipe\['augment'\]\[0\]` \(timm"):
+        check_no_batch_mixing(module)
+
+
+def test_recipes_without_batch_mixing_pass_the_check():
+    from torchvision.transforms import v2
+
+    from lightning_sparta.privacy.guards import check_no_batch_mixing
+
+    module = TinyModule()
+    module.augment = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(4)])  # per-sample transforms
+    check_no_batch_mixing(module, collate_fn=torch.utils.data.default_collate)
+    check_no_batch_mixing(module, collate_fn=lambda batch: torch.utils.data.default_collate(batch))

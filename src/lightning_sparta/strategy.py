@@ -56,7 +56,12 @@ from lightning_sparta.privacy.accountant import (
 )
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
 from lightning_sparta.privacy.clipping import ClippingMode, create_clipping_engine
-from lightning_sparta.privacy.guards import check_one_training_loader, check_trainer, refuse_unclipped_gradients
+from lightning_sparta.privacy.guards import (
+    check_no_batch_mixing,
+    check_one_training_loader,
+    check_trainer,
+    refuse_unclipped_gradients,
+)
 from lightning_sparta.privacy.noise import secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
 from lightning_sparta.privacy.sampler import (
@@ -432,6 +437,7 @@ class DPStrategy(DDPStrategy):
 
     def _poisson_loader(self, dataloader: object) -> DPDataLoader:
         dataloader, num_samples, batch_size = training_data(dataloader)
+        check_no_batch_mixing(collate_fn=dataloader.collate_fn)
         self.num_samples = num_samples
         self.sample_rate = batch_size / num_samples
         if self.target_epsilon is None or self._pending_state is None:

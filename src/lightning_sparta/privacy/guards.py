@@ -6,9 +6,13 @@ calls them when fitting starts and at every step.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -36,6 +40,108 @@ def check_trainer(trainer: pl.Trainer, module: pl.LightningModule, plugin: objec
             "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
         )
     check_precision(str(trainer.precision), plugin)
+    check_no_batch_mixing(module)
+
+
+def _batch_mixing_types() -> tuple[type, ...]:
+    """MixUp/CutMix implementations of the libraries this package works with (those installed)."""
+    found: list[type] = []
+    try:
+        from timm.data.mixup import Mixup  # FastCollateMixup is a subclass
+
+        found.append(Mixup)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torchvision.transforms.v2 import CutMix, MixUp
+
+        found += [CutMix, MixUp]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+_LEAVES = (str, bytes, int, float, bool, type(None), type, types.ModuleType, torch.Tensor)
+_LIST_LIMIT = 64  # a recipe holds its mixer near the top, not deep in a list of samples
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _batch_mixers(obj: Any, where: str, kinds: tuple[type, ...], seen: set[int], depth: int = 0) -> list[str]:
+    """``"`where` (class)"`` for every MixUp/CutMix reachable from ``obj``.
+
+    Looks through every submodule of a module, and from there (a few levels deep) through attributes,
+    lists, tuples and dicts, ``functools.partial``, bound methods and plain functions (the variables
+    a lambda closes over and the globals it names): the ways a recipe holds its mixing transform.
+    """
+    if depth > 4 or id(obj) in seen or isinstance(obj, _LEAVES):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, kinds):
+        return [f"`{where or '<root>'}` ({type(obj).__module__}.{type(obj).__qualname__})"]
+    children: list[tuple[str, Any]] = []
+    if isinstance(obj, nn.Module):  # submodules at any depth, each one's own attributes from depth + 1
+        found: list[str] = []
+        for name, sub in obj.named_modules():
+            if sub is not obj:
+                found += _batch_mixers(sub, _join(where, name), kinds, seen, depth)
+        children = [(_join(where, k), v) for k, v in vars(obj).items() if not k.startswith("_")]
+        return found + [m for name, child in children for m in _batch_mixers(child, name, kinds, seen, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        children = [(f"{where}[{i}]", item) for i, item in enumerate(obj[:_LIST_LIMIT])]
+    elif isinstance(obj, dict):
+        children = [(f"{where}[{key!r}]", item) for key, item in list(obj.items())[:_LIST_LIMIT]]
+    elif isinstance(obj, functools.partial):
+        children = [(where, obj.func), *((where, a) for a in obj.args), *((where, v) for v in obj.keywords.values())]
+    elif isinstance(obj, types.MethodType):
+        children = [(where, obj.__func__), (where, obj.__self__)]
+    elif isinstance(obj, types.FunctionType):
+        cells = [cell.cell_contents for cell in obj.__closure__ or () if _filled(cell)]
+        named = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+        children = [(where, value) for value in (*cells, *named)]
+    elif hasattr(obj, "__dict__"):  # a callable class, a composed transform (its `transforms` list), ...
+        children = [(_join(where, k), v) for k, v in vars(obj).items() if not k.startswith("_")]
+    return [m for name, child in children for m in _batch_mixers(child, name, kinds, seen, depth + 1)]
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a variable not assigned yet)
+        return False
+    return True
+
+
+def check_no_batch_mixing(module: nn.Module | None = None, collate_fn: Any = None) -> None:
+    """Refuse MixUp/CutMix held by the LightningModule or used by the training loader's ``collate_fn``.
+
+    These mix the samples of a batch: the input clipped as sample i's is ``λ x_i + (1 - λ) x_j``
+    with sample j's label mixed in too, so clipping no longer bounds what one sample contributes to
+    an update and the accounted ε does not hold. timm's ``Mixup``/``FastCollateMixup`` and
+    torchvision's ``v2.MixUp``/``v2.CutMix`` are recognised in any submodule, in its attributes and
+    composed transforms, and in the ``collate_fn`` (a callable object, a partial, or a function and
+    what it refers to). Mixing written by hand cannot be seen; see the README's list of what the
+    strategy cannot see.
+
+    Raises:
+        ValueError: naming each mixing transform and where it was found.
+    """
+    kinds = _batch_mixing_types()
+    if not kinds:  # pragma: no cover
+        return
+    seen: set[int] = set()
+    found = _batch_mixers(module, "", kinds, seen) if module is not None else []
+    if collate_fn is not None:
+        found += _batch_mixers(collate_fn, "collate_fn", kinds, seen)
+    if found:
+        raise ValueError(
+            f"DPStrategy: MixUp/CutMix mixes the samples of a batch, found {shorten(found)}. The gradient clipped "
+            "as one sample's would carry other samples' inputs and labels, so clipping would not bound what one sample "
+            "contributes and the (ε, δ) guarantee would not hold. Remove it (from the LightningModule and from "
+            "the training DataLoader's `collate_fn`) and augment each sample on its own, in the Dataset's transform."
+        )
 
 
 def check_precision(precision: str, plugin: object) -> None:
@@ -117,6 +223,7 @@ def refuse_unclipped_gradients(optimizer: Optimizer, hooked: Iterable[nn.Paramet
 
 __all__ = [
     "SUPPORTED_PRECISION",
+    "check_no_batch_mixing",
     "check_one_training_loader",
     "check_precision",
     "check_trainer",
