@@ -179,7 +179,7 @@ class TokenOnly(nn.Module):
 
 
 class TokenAndScale(TokenOnly):
-    """A broadcast parameter next to a parameter no sampler knows: functorch must cover both, once."""
+    """A broadcast parameter next to a parameter no sampler knows: the replay and the broadcast hook, once each."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
@@ -187,6 +187,46 @@ class TokenAndScale(TokenOnly):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) * self.scale
+
+
+class BiasTable(nn.Module):
+    """A relative-position-style bias: a trainable table gathered by a constant index buffer, added to
+    every sample, scaled by a shared (non-batch) tensor passed as a keyword argument."""
+
+    def __init__(self, positions: int = 4) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * positions - 1))
+        rel = torch.arange(positions)[:, None] - torch.arange(positions)[None, :] + positions - 1
+        self.register_buffer("index", rel.flatten())
+        self.positions = positions
+
+    def forward(self, scores: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.table[self.index].view(self.positions, self.positions)
+        return (scores + bias) / (temperature if temperature is not None else 1.0)
+
+
+class AttentionWithTable(nn.Module):
+    """Owns a parameter (``gain``) next to submodules with their own paths, and calls ``BiasTable`` with a kwarg."""
+
+    def __init__(self, dim: int = 5, positions: int = 4) -> None:
+        super().__init__()
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.bias = BiasTable(positions)
+        self.gain = nn.Parameter(torch.randn(dim))
+        self.register_buffer("temperature", torch.tensor([1.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, positions, dim]
+        q, k = self.qk(x).chunk(2, dim=-1)
+        scores = self.bias(q @ k.transpose(1, 2), temperature=self.temperature)
+        return scores.softmax(-1) @ (x * self.gain)
+
+
+def efficientformer_attention() -> nn.Module:
+    """timm's EfficientFormer attention: ``attention_biases`` indexed by the ``attention_bias_idxs`` buffer."""
+    from timm.models.efficientformer import Attention
+
+    attention = Attention(dim=8, key_dim=4, num_heads=2, attn_ratio=2, resolution=2)
+    return nn.Sequential(attention, nn.Flatten(), nn.Linear(32, 3))
 
 
 register_broadcast_parameters(TokenOnly, ["token"])
@@ -293,6 +333,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
         _classes(3),
         cross_entropy,
     ),
+    "replay_buffers_kwargs": (
+        lambda: nn.Sequential(nn.Linear(6, 5), AttentionWithTable(5, 4), nn.Flatten(), nn.Linear(20, 3)),
+        _normal(4, 6),
+        _classes(3),
+        cross_entropy,
+    ),
+    "replay_timm_efficientformer": (efficientformer_attention, _normal(4, 8), _classes(3), cross_entropy),
     "broadcast_token": (
         lambda: nn.Sequential(nn.Linear(6, 5), TokenOnly(5), nn.Linear(5, 3)),
         _normal(6),
@@ -353,6 +400,10 @@ def test_matches_torch_func(case: str, dtype: torch.dtype, reduction: str) -> No
         ("functorch_subtree", "1", "functorch"),
         ("broadcast_token", "1", "broadcast"),
         ("broadcast_token_functorch", "1", "functorch"),
+        ("replay_buffers_kwargs", "1", "functorch"),
+        ("replay_buffers_kwargs", "1.bias", "functorch"),
+        ("replay_buffers_kwargs", "1.qk", "grad_sampler"),
+        ("replay_timm_efficientformer", "0", "functorch"),
         ("deit", "", "broadcast"),
     ],
 )
@@ -360,16 +411,25 @@ def test_paths(case: str, module: str, path: str) -> None:
     model, *_ = build(case)
     engine = PerSampleGradients()
     engine.attach(model)
-    assert paths_of(engine)[module] == path
+    assert path in {p.path for p in engine.paths() if p.module == module}
 
 
-def test_functorch_subtree_hooks_no_descendant() -> None:
+def test_functorch_replays_the_module_s_own_parameters_only() -> None:
+    """The replay differentiates the module's own parameters; its submodules keep their own (fast) paths."""
     model, *_ = build("functorch_subtree")
     engine = PerSampleGradients()
     engine.attach(model)
     paths = {p.module: p for p in engine.paths()}
-    assert "1.inner" not in paths
-    assert paths["1"].parameters == ("gate", "inner.weight", "inner.bias")
+    assert (paths["1"].path, paths["1"].parameters) == ("functorch", ("gate",))
+    assert (paths["1.inner"].path, paths["1.inner"].parameters) == ("grad_sampler", ("weight", "bias"))
+
+
+def test_broadcast_and_replayed_parameters_of_one_module() -> None:
+    model, *_ = build("broadcast_token_functorch")
+    engine = PerSampleGradients()
+    engine.attach(model)
+    rows = sorted((p.path, p.parameters) for p in engine.paths() if p.module == "1")
+    assert rows == [("broadcast", ("token",)), ("functorch", ("scale",))], rows
 
 
 def test_deit_takes_no_functorch_path() -> None:
@@ -538,3 +598,25 @@ def test_call_outside_the_loss_does_not_steal_the_activation() -> None:
         model[0](x * 2)  # e.g. an auxiliary output computed for logging only
         loss_fn(out, y).sum().backward()
     torch.testing.assert_close(model[0].weight.grad_sample, expected["0.weight"], **TOL[torch.float64])
+
+
+class RunningScale(nn.Module):
+    """Keeps a running mean of its inputs (a statistic of the batch) in a buffer while training."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return (x - self.running_mean) * self.scale
+
+
+def test_replay_refuses_a_forward_that_changes_a_buffer() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), RunningScale(5), nn.Linear(5, 3))
+    engine = PerSampleGradients()
+    engine.attach(model)
+    with engine.capturing(), pytest.raises(RuntimeError, match=r"`1` \(RunningScale\) changed its buffers running"):
+        model(torch.randn(4, 6))

@@ -356,3 +356,71 @@ def test_sparta_keeps_batchnorm_affine_trainable_in_every_phase():
     for name, buffer in module.named_buffers():
         if name in buffers:  # the sparse layers add their own buffers
             assert torch.equal(buffer, buffers[name]), name
+
+
+# ------------------------------------------------------------------- other layers with batch statistics
+def _evonorm_b_model(kind: str) -> nn.Module:
+    """timm's EvoNorm B layers normalise with the batch variance in training mode (a running variance in eval)."""
+    from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
+
+    norm = {"B0": EvoNorm2dB0, "B1": EvoNorm2dB1, "B2": EvoNorm2dB2}[kind](4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.running_var.copy_(torch.rand(4) * 2 + 0.2)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, CLASSES))
+
+
+@pytest.mark.parametrize("kind", ["B0", "B1", "B2"])
+def test_evonorm_batch_variance_is_frozen_like_batchnorm(kind):
+    """σ = 0, q = 1, SGD lr = 1: the update is Σ_i clip(g_i)/n of the model in eval(), running variance untouched."""
+    model = _evonorm_b_model(kind)
+    data = _data()
+    x, y = data.tensors
+    per_sample = _per_sample_reference(model, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {k: torch.einsum("i,i...->...", factors, g) / N for k, g in per_sample.items()}
+
+    module = Classifier(model, data, batch_size=N)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    running_var = model[1].running_var.clone()
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
+    _trainer(strategy, max_steps=1).fit(module)
+    assert torch.equal(model[1].running_var, running_var)  # no statistic of the private batch is kept
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(before[name] - param.detach(), expected[name.removeprefix("model.")], **TOL)
+    assert incompatible_layers(model, batchnorm="refuse") == {"1": f"EvoNorm2d{kind}"}
+
+
+def test_convnext_layer_scale_replayed_one_step_equals_clipped_sum():
+    """timm's ConvNeXt blocks own their layer scale (``gamma``), which no grad sampler knows: it takes the
+    replay path while the block's convs, norms and MLP keep their own paths. σ = 0, q = 1, SGD lr = 1."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=CLASSES, ls_init_value=0.5)
+    data = _data(4, seed=2)
+    x, y = data.tensors
+    x = torch.nn.functional.interpolate(x, size=32)
+    data = TensorDataset(x, y)
+    per_sample = _per_sample_reference(model, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {k: torch.einsum("i,i...->...", factors, g) / 4 for k, g in per_sample.items()}
+
+    module = Classifier(model, data, batch_size=4)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
+    paths = {}
+
+    class Paths(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            paths.update({(p.module, p.path) for p in trainer.strategy.engine.paths()})
+
+    _trainer(strategy, max_steps=1, callbacks=[Paths()]).fit(module)
+    assert ("model.stages.0.blocks.0", "functorch") in paths.items()
+    assert paths["model.stages.0.blocks.0.mlp.fc1"] == "ghost"
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(before[name] - param.detach(), expected[name.removeprefix("model.")], **TOL)

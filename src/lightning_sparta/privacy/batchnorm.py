@@ -51,8 +51,27 @@ _SAVED_MODES: weakref.WeakKeyDictionary[nn.Module, list[bool]] = weakref.WeakKey
 
 
 # ------------------------------------------------------------------------------------------ freezing
-def has_running_statistics(module: _BatchNorm) -> bool:
+def _batch_statistics_types() -> tuple[type[nn.Module], ...]:
+    types: list[type[nn.Module]] = [_BatchNorm]
+    try:  # timm's EvoNorm B layers divide by the batch variance in training mode, the running one in eval
+        from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
+
+        types += [EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+BATCH_STATISTICS_TYPES = _batch_statistics_types()
+"""Layers that normalise with statistics of the batch in training mode and running ones in ``eval()``:
+``nn.BatchNorm*d``/``nn.SyncBatchNorm`` (timm's ``BatchNormAct2d`` included) and timm's ``EvoNorm2dB0``,
+``EvoNorm2dB1``, ``EvoNorm2dB2``."""
+
+
+def has_running_statistics(module: nn.Module) -> bool:
     """Whether ``module`` tracks running statistics, so that it can normalise without the batch."""
+    if not isinstance(module, _BatchNorm):  # EvoNorm B: a running variance only
+        return getattr(module, "running_var", None) is not None
     return bool(module.track_running_stats) and module.running_mean is not None and module.running_var is not None
 
 
@@ -75,7 +94,7 @@ def _restore_mode(module: nn.Module, _args: Any, _output: Any) -> None:
 class FrozenBatchNorm:
     """Handle of :func:`freeze_batchnorm`: the frozen layers, and :meth:`remove` to undo the freezing."""
 
-    def __init__(self, modules: dict[str, _BatchNorm], handles: list[RemovableHandle]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], handles: list[RemovableHandle]) -> None:
         self.modules = modules
         self._handles = handles
 
@@ -96,9 +115,10 @@ class FrozenBatchNorm:
 def freeze_batchnorm(model: nn.Module) -> FrozenBatchNorm:
     """Make every BatchNorm layer of ``model`` normalise with its running statistics, in any mode.
 
-    Each ``nn.BatchNorm*d``/``nn.SyncBatchNorm`` (timm's ``BatchNormAct2d`` included) then behaves as in
-    ``eval()`` even while ``model`` is in ``train()``: its running statistics and ``num_batches_tracked``
-    are never updated, and each sample is normalised independently of the batch. The affine
+    Each ``nn.BatchNorm*d``/``nn.SyncBatchNorm`` (timm's ``BatchNormAct2d`` included), and each of timm's
+    ``EvoNorm2dB0``/``B1``/``B2`` (:data:`BATCH_STATISTICS_TYPES`), then behaves as in ``eval()`` even
+    while ``model`` is in ``train()``: its running statistics and ``num_batches_tracked`` are never
+    updated, and each sample is normalised independently of the batch. The affine
     parameters keep their ``requires_grad``. Modules, ``training`` flags and state-dict keys are
     unchanged; layers already frozen are left to their first handle.
 
@@ -120,14 +140,14 @@ def freeze_batchnorm(model: nn.Module) -> FrozenBatchNorm:
         (0, True)
         >>> frozen.remove()
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BATCH_STATISTICS_TYPES)}
     without = [name or "<root>" for name, m in layers.items() if not has_running_statistics(m)]
     if without:
         raise ValueError(
             f"BatchNorm layers without running statistics cannot be frozen (they normalise with batch "
             f"statistics, which mixes the samples of a batch): {without}."
         )
-    frozen: dict[str, _BatchNorm] = {}
+    frozen: dict[str, nn.Module] = {}
     handles: list[RemovableHandle] = []
     for name, module in layers.items():
         if is_frozen(module):

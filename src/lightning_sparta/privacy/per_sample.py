@@ -28,8 +28,8 @@ Five paths exist, and :meth:`PerSampleGradients.paths` reports which one every m
     parameters with a leading batch-broadcast dimension of size 1 that a model owns directly and
     adds to every sample, such as ViT's ``cls_token``/``pos_embed``. They are declared per model type
     with :func:`register_broadcast_parameters`; during the forward pass each is expanded to the batch
-    size, so the gradient of the expanded tensor *is* the per-sample gradient. Without this, Opacus
-    treats the whole ViT as one unsupported module and runs it through functorch.
+    size, so the gradient of the expanded tensor *is* the per-sample gradient. Without this, the
+    whole ViT's forward would be replayed per sample for these few parameters (path ``"functorch"``).
 ``"ghost"``
     a module with a ghost form, attached for a ghost clipping engine
     (:mod:`lightning_sparta.privacy.clipping`): its hook only keeps the input and the output gradient
@@ -37,8 +37,10 @@ Five paths exist, and :meth:`PerSampleGradients.paths` reports which one every m
     ``clipping`` column of :meth:`PerSampleGradients.summary` then says, after the first step, whether
     each weight's norm was a ghost norm or a materialised one, and at which shapes.
 ``"functorch"``
-    any other module: Opacus' functorch fallback (a vmapped re-run of that module), slow but exact.
-    It covers the module's whole subtree, so its descendants get no hooks of their own.
+    any other module that owns trainable parameters: their per-sample gradients come from a
+    ``torch.func`` replay of the module's forward per sample (:mod:`lightning_sparta.privacy.replay`),
+    slow but exact. Its submodules keep their own paths, its buffers are read as constants; a forward
+    that changes a buffer (statistics of the batch) is refused.
 ``"unsupported"``
     parameters owned directly by a LightningModule: they are typically used in ``training_step``,
     outside any forward pass, so no hook can see them. They get no per-sample gradient; the
@@ -55,9 +57,11 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_sparta._logging import shorten
+from lightning_sparta.privacy.replay import OwnParameterReplay, buffer_versions, changed_buffers
 
 Path = Literal["grad_sampler", "ghost", "broadcast", "functorch", "unsupported"]
 
@@ -170,6 +174,8 @@ class PerSampleGradients:
         self._tapping: dict[nn.Module, list[_Call]] = defaultdict(list)  # open forward calls, see _attach_tap
         self._swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self._ghost: dict[nn.Module, str] = {}  # modules whose calls are recorded, not sampled
+        self._replays: dict[nn.Module, OwnParameterReplay] = {}  # the "functorch" path
+        self._buffer_versions: dict[nn.Module, list[dict[str, int]]] = defaultdict(list)
         self._records: dict[nn.Module, list[tuple[list[Any], torch.Tensor, float]]] = defaultdict(list)
         self._clipping_notes: dict[str, str] = {}
 
@@ -190,10 +196,7 @@ class PerSampleGradients:
         for module in model.modules():
             for _, p in _trainable(module):
                 owners[id(p)] += 1
-        covered: set[str] = set()  # prefixes handled by a functorch ancestor
         for name, module in model.named_modules():
-            if any(name == c or name.startswith(c + ".") for c in covered):
-                continue
             own = _trainable(module)
             if not own:
                 continue
@@ -207,15 +210,11 @@ class PerSampleGradients:
                 and ghost(module)
             )
             if rest and not recorded and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
-                # functorch re-runs the whole module, so it covers the broadcast parameters too (hooking
-                # them as well would count their gradient twice). Opacus deep-copies the module here: do
-                # it before adding hooks, or the copy carries them and the full backward hook fails
-                # inside torch.func's transforms.
-                covered.add(name)
-                prepare_layer(module)
-                self._attach_sampler(module)
-                self._record(name, module, "functorch", [n for n, _ in _trainable(module, recurse=True)])
-                continue
+                # the replay keeps a parameter-free copy of the module: make it before adding any hook
+                self._replays[module] = OwnParameterReplay(module, [n for n, _ in rest])
+                self._attach_replay(module, name)
+                self._record(name, module, "functorch", [n for n, _ in rest])
+                rest = []
             if broadcast:
                 self._attach_broadcast(module, broadcast)
                 self._record(name, module, "broadcast", broadcast)
@@ -241,6 +240,8 @@ class PerSampleGradients:
         self._handles.clear()
         self._paths.clear()
         self._ghost.clear()
+        self._replays.clear()
+        self._buffer_versions.clear()
         self._clipping_notes.clear()
         self._drop_pending()
         self._tapping.clear()
@@ -329,6 +330,37 @@ class PerSampleGradients:
             self._activations[module].append(call)
             out.register_hook(self._backward_hook(call))
 
+    def _attach_replay(self, module: nn.Module, name: str) -> None:
+        """Keep every input of each call (keyword arguments too) and refuse a forward that changes a buffer."""
+        check = any(True for _ in module.buffers())
+
+        def before(mod: nn.Module, _args: Any) -> None:
+            if check and self._active(mod):
+                self._buffer_versions[mod].append(buffer_versions(mod))
+
+        def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not self._active(mod):
+                return
+            if check and self._buffer_versions[mod]:
+                changed = changed_buffers(mod, self._buffer_versions[mod].pop())
+                if output is None:  # the forward raised (this hook is always called): let that error through
+                    return
+                if changed:
+                    raise RuntimeError(
+                        f"`{name or '<root>'}` ({type(mod).__name__}) changed its buffers {shorten(changed)} in its "
+                        "forward pass: statistics of the batch mix the samples, so its per-sample gradients are "
+                        "not defined and the statistics themselves would be released without noise. Put the layer "
+                        "in eval mode (frozen statistics) or freeze its parameters."
+                    )
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if torch.is_tensor(out) and out.requires_grad:
+                call = _Call(mod, args, kwargs)
+                self._activations[mod].append(call)
+                out.register_hook(self._backward_hook(call))
+
+        self._handles.append(module.register_forward_pre_hook(before))
+        self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+
     def _attach_tap(self, module: nn.Module, child: nn.Module, child_name: str) -> None:
         """Hook the input of ``child`` (called inside ``module``'s forward) instead of ``module``'s output.
 
@@ -389,8 +421,12 @@ class PerSampleGradients:
             self._records[module].append((activations, grad_output.detach(), self.loss_scale))
             return
         backprops = grad_output.detach() if self.loss_scale == 1 else grad_output.detach() * self.loss_scale
-        sampler = grad_sampler_for(module) or ft_compute_per_sample_gradient
-        for param, grad_sample in sampler(module, activations, backprops).items():
+        replay = self._replays.get(module)
+        if replay is not None:
+            grads = replay(module, activations, call.kwargs, backprops)
+        else:
+            grads = grad_sampler_for(module)(module, activations, backprops)
+        for param, grad_sample in grads.items():
             if param.requires_grad:
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     # Opacus' Embedding sampler ignores padding_idx, whose row gets no gradient in torch
@@ -516,13 +552,15 @@ def _accumulate(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
 class _Call:
     """One forward call of a hooked module: its inputs, until the gradient of its output arrives."""
 
-    __slots__ = ("inputs", "module", "pending", "tapped", "versions")
+    __slots__ = ("inputs", "kwargs", "module", "pending", "tapped", "versions")
 
-    def __init__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def __init__(self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
         self.module = module
         self.pending = True
         self.tapped = False
         self.set_inputs(inputs)
+        # keyword arguments, kept for the replay path only
+        self.kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in (kwargs or {}).items()}
 
     def set_inputs(self, inputs: tuple[Any, ...]) -> None:
         self.inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
@@ -544,6 +582,7 @@ class _Call:
     def cancel(self) -> None:
         self.pending = False
         self.inputs = []
+        self.kwargs = {}
 
 
 class _Capture:

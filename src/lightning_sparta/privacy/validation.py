@@ -7,7 +7,12 @@ from typing import Literal
 from torch import nn
 
 from lightning_sparta._logging import shorten
-from lightning_sparta.privacy.batchnorm import FrozenBatchNorm, freeze_batchnorm, has_running_statistics
+from lightning_sparta.privacy.batchnorm import (
+    BATCH_STATISTICS_TYPES,
+    FrozenBatchNorm,
+    freeze_batchnorm,
+    has_running_statistics,
+)
 
 BatchNormMode = Literal["freeze", "refuse"]
 BATCHNORM_MODES: tuple[str, ...] = ("freeze", "refuse")
@@ -41,8 +46,7 @@ def incompatible_layers(model: nn.Module, batchnorm: BatchNormMode = "refuse") -
     return {
         name: type(module).__name__
         for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and (batchnorm == "refuse" or not has_running_statistics(module))
+        if isinstance(module, BATCH_STATISTICS_TYPES) and (batchnorm == "refuse" or not has_running_statistics(module))
     }
 
 
