@@ -361,6 +361,15 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
     ),
     "shared_branches": (SharedBranches, _normal(5), _classes(3), cross_entropy),
     "deit": (tiny_deit, _normal(3, 32, 32), _classes(10), cross_entropy),
+    "deit_distilled": (
+        lambda: timm.create_model(
+            "deit_tiny_distilled_patch16_224",
+            **{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2, "num_classes": 4},
+        ),
+        _normal(3, 32, 32),
+        _classes(4),
+        cross_entropy,
+    ),
 }
 
 
@@ -405,6 +414,7 @@ def test_matches_torch_func(case: str, dtype: torch.dtype, reduction: str) -> No
         ("replay_buffers_kwargs", "1.qk", "grad_sampler"),
         ("replay_timm_efficientformer", "0", "functorch"),
         ("deit", "", "broadcast"),
+        ("deit_distilled", "", "broadcast"),
     ],
 )
 def test_paths(case: str, module: str, path: str) -> None:

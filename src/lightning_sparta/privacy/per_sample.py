@@ -110,10 +110,13 @@ def register_path_note(note: Callable[[nn.Module], str | None]) -> None:
 
 def _register_timm_vit() -> None:
     try:
+        from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine usable without it
         return
     register_broadcast_parameters(VisionTransformer, ("cls_token", "reg_token", "pos_embed"))
+    # the distilled DeiTs prepend a distillation token next to the class token
+    register_broadcast_parameters(VisionTransformerDistilled, ("cls_token", "dist_token", "reg_token", "pos_embed"))
 
 
 _register_timm_vit()
