@@ -361,6 +361,24 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
     ),
     "shared_branches": (SharedBranches, _normal(5), _classes(3), cross_entropy),
     "deit": (tiny_deit, _normal(3, 32, 32), _classes(10), cross_entropy),
+    "beit": (
+        lambda: timm.create_model(
+            "beit_base_patch16_224",
+            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
+        ),
+        _normal(3, 16, 16),
+        _classes(3),
+        cross_entropy,
+    ),
+    "eva02": (
+        lambda: timm.create_model(
+            "eva02_tiny_patch14_224",
+            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
+        ),
+        _normal(3, 16, 16),
+        _classes(3),
+        cross_entropy,
+    ),
     "deit_distilled": (
         lambda: timm.create_model(
             "deit_tiny_distilled_patch16_224",
@@ -415,6 +433,11 @@ def test_matches_torch_func(case: str, dtype: torch.dtype, reduction: str) -> No
         ("replay_timm_efficientformer", "0", "functorch"),
         ("deit", "", "broadcast"),
         ("deit_distilled", "", "broadcast"),
+        ("beit", "", "broadcast"),
+        ("beit", "blocks.0.attn", "functorch"),  # q/v biases and the relative position table
+        ("beit", "blocks.0.attn.qkv", "grad_sampler"),
+        ("eva02", "", "broadcast"),
+        ("eva02", "blocks.0.attn.qkv", "grad_sampler"),
     ],
 )
 def test_paths(case: str, module: str, path: str) -> None:
@@ -630,3 +653,15 @@ def test_replay_refuses_a_forward_that_changes_a_buffer() -> None:
     engine.attach(model)
     with engine.capturing(), pytest.raises(RuntimeError, match=r"`1` \(RunningScale\) changed its buffers running"):
         model(torch.randn(4, 6))
+
+
+def test_beit_attention_computes_its_qkv_bias_separately_while_attached() -> None:
+    """BEiT/EVA attention calls F.linear with its `qkv` child's weight: while hooked, the sum goes through `qkv`."""
+    model, *_ = build("beit")
+    attention = model.blocks[0].attn
+    assert attention.qkv_bias_separate is False
+    engine = PerSampleGradients()
+    engine.attach(model)
+    assert attention.qkv_bias_separate is True
+    engine.detach()
+    assert attention.qkv_bias_separate is False

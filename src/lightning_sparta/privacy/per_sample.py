@@ -108,15 +108,28 @@ def register_path_note(note: Callable[[nn.Module], str | None]) -> None:
     _PATH_NOTES.append(note)
 
 
+_SEPARATE_QKV_BIAS: tuple[type[nn.Module], ...] = ()
+
+
 def _register_timm_vit() -> None:
+    global _SEPARATE_QKV_BIAS
     try:
+        from timm.models.beit import Attention as BeitAttention
+        from timm.models.beit import Beit
         from timm.models.deit import VisionTransformerDistilled
+        from timm.models.eva import Eva, EvaAttention
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine usable without it
         return
     register_broadcast_parameters(VisionTransformer, ("cls_token", "reg_token", "pos_embed"))
     # the distilled DeiTs prepend a distillation token next to the class token
     register_broadcast_parameters(VisionTransformerDistilled, ("cls_token", "dist_token", "reg_token", "pos_embed"))
+    register_broadcast_parameters(Beit, ("cls_token", "pos_embed"))
+    register_broadcast_parameters(Eva, ("cls_token", "reg_token", "pos_embed"))
+    # BEiT's and EVA's attention add their q/v biases by calling F.linear with the `qkv` child's weight,
+    # so that child's forward (and hooks) never run; with `qkv_bias_separate` the same sum is computed as
+    # `qkv(x) + bias`, and `qkv` gets its own path while the attention replays its biases
+    _SEPARATE_QKV_BIAS = (BeitAttention, EvaAttention)
 
 
 _register_timm_vit()
@@ -178,6 +191,7 @@ class PerSampleGradients:
         self._swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self._ghost: dict[nn.Module, str] = {}  # modules whose calls are recorded, not sampled
         self._replays: dict[nn.Module, OwnParameterReplay] = {}  # the "functorch" path
+        self._separated: list[nn.Module] = []  # attention modules switched to `qkv_bias_separate`, see attach
         self._buffer_versions: dict[nn.Module, list[dict[str, int]]] = defaultdict(list)
         self._records: dict[nn.Module, list[tuple[list[Any], torch.Tensor, float]]] = defaultdict(list)
         self._clipping_notes: dict[str, str] = {}
@@ -195,6 +209,11 @@ class PerSampleGradients:
                 a trainable parameter with another module keeps its grad sampler.
         """
         self.detach()
+        for module in model.modules():
+            separable = isinstance(module, _SEPARATE_QKV_BIAS) and getattr(module, "q_bias", None) is not None
+            if separable and not module.qkv_bias_separate:  # the same values, computed through the `qkv` child
+                module.qkv_bias_separate = True
+                self._separated.append(module)
         owners: dict[int, int] = defaultdict(int)
         for module in model.modules():
             for _, p in _trainable(module):
@@ -245,6 +264,9 @@ class PerSampleGradients:
         self._ghost.clear()
         self._replays.clear()
         self._buffer_versions.clear()
+        for module in self._separated:
+            module.qkv_bias_separate = False
+        self._separated.clear()
         self._clipping_notes.clear()
         self._drop_pending()
         self._tapping.clear()
