@@ -339,19 +339,6 @@ def _torchvision_mixup():
     return v2.RandomChoice([v2.CutMix(num_classes=3), v2.MixUp(num_classes=3)])
 
 
-@pytest.mark.parametrize(
-    ("mixer", "named"),
-    [(_timm_mixup, r"`mixup_fn` \(timm.*Mixup\)"), (_torchvision_mixup, r"`mixup_fn.transforms\[0\]` \(.*CutMix\)")],
-    ids=["timm", "torchvision"],
-)
-def test_batch_mixing_in_the_module_is_refused(mixer, named):
-    module = _Mixing(mixer())
-    before = _flat(module)
-    with pytest.raises(ValueError, match=rf"mixes the samples of a batch, found {named}"):
-        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(module)
-    assert torch.equal(_flat(module), before)
-
-
 def _mix_globally(batch):
     return _GLOBAL_MIXUP(*torch.utils.data.default_collate(batch))
 
@@ -378,15 +365,17 @@ def _closure_collate():
 
 
 @pytest.mark.parametrize(
-    ("collate", "named"),
+    ("make_module", "named"),
     [
-        (_closure_collate, r"`collate_fn` \(.*MixUp\)"),
-        (lambda: _mix_globally, r"`collate_fn.transforms\[0\]` \(.*CutMix\)"),
+        (lambda: _Mixing(_timm_mixup()), r"`mixup_fn` \(timm.*Mixup\)"),
+        (lambda: _Mixing(_torchvision_mixup()), r"`mixup_fn.transforms\[0\]` \(.*CutMix\)"),
+        (lambda: _MixingCollate(_closure_collate()), r"`collate_fn` \(.*MixUp\)"),
+        (lambda: _MixingCollate(_mix_globally), r"`collate_fn.transforms\[0\]` \(.*CutMix\)"),
     ],
-    ids=["closure", "global"],
+    ids=["module-timm", "module-torchvision", "collate-closure", "collate-global"],
 )
-def test_batch_mixing_in_the_collate_fn_is_refused(collate, named):
-    module = _MixingCollate(collate())
+def test_batch_mixing_is_refused(make_module, named):
+    module = make_module()
     before = _flat(module)
     with pytest.raises(ValueError, match=rf"mixes the samples of a batch, found {named}"):
         _trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(module)
