@@ -424,3 +424,64 @@ def test_recipes_without_batch_mixing_pass_the_check():
     module.augment = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(4)])  # per-sample transforms
     check_no_batch_mixing(module, collate_fn=torch.utils.data.default_collate)
     check_no_batch_mixing(module, collate_fn=lambda batch: torch.utils.data.default_collate(batch))
+
+
+# --------------------------------------------------------------------------------------------- 12
+class _Crashes(TinyModule):
+    """A first fit that dies in the middle of a step (a bug, an out-of-memory error, an interrupt)."""
+
+    def __init__(self, where: str):
+        super().__init__(batch_size=24)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        self.crash, self.where, self.calls = True, where, 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        if self.crash and self.where == "second micro-batch" and self.calls == 2:
+            raise RuntimeError("simulated crash")
+        return super().training_step(batch, batch_idx)
+
+    def on_after_backward(self):
+        if self.crash and self.where == "after backward":
+            raise RuntimeError("simulated crash")
+
+
+@CLIPPING
+@pytest.mark.parametrize(
+    ("where", "physical_batch_size"),
+    [("after backward", None), ("after backward", 10), ("second micro-batch", 10)],
+    ids=["after-backward", "after-backward-micro-batches", "second-micro-batch"],
+)
+def test_a_crashed_step_leaves_nothing_for_the_next_fit(clipping, where, physical_batch_size):
+    """The per-sample gradients and clipped sums of a step that never finished must not reach a later step.
+
+    Stale per-sample gradients would be added to the next batch's, and stale clipped sums (the micro-batches
+    clipped before the crash) released with it: contributions of samples the accountant never saw in that
+    step. σ = 0, q = 1, SGD lr = 1: the second fit's update must be exactly Σ_i clip(g_i) / n of its batch.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    module = _Crashes(where)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping, physical_batch_size=physical_batch_size
+        )
+    trainer = _trainer(strategy, max_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(module)
+    module.crash = False
+
+    x, y = module.dataset.tensors
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(module, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0)
+    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
+    trainer.fit(module)  # the same Trainer and strategy, as in a notebook after fixing the bug
+    assert strategy.steps == 1  # the crashed step was never accounted
+    for name, p in module.named_parameters():
+        expected = params[name] - torch.einsum("i,i...->...", factors, per_sample[name]) / len(x)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)

@@ -584,6 +584,11 @@ class DPStrategy(DDPStrategy):
 
     def _dp_training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._refresh_hooks()
+        # A step that died between its backward pass and its release (an exception, an interrupt) left
+        # its per-sample gradients and clipped sums behind: they belong to samples this step did not
+        # draw, and must never be added to its release.
+        self._summed.clear()
+        self.clipping_engine.clear()
         for p in self.engine.parameters:
             p.grad = None  # we own the gradients; stale ones would hide a missing per-sample gradient
         batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
@@ -863,6 +868,8 @@ class DPStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._summed.clear()
+        self.engine.clear()  # per-sample gradients of a step that did not finish
         self.engine.detach()
         if self._frozen_batchnorm is not None:  # BatchNorm behaves as the user's code expects again
             self._frozen_batchnorm.remove()
