@@ -424,3 +424,18 @@ def test_convnext_layer_scale_replayed_one_step_equals_clipped_sum():
     assert paths["model.stages.0.blocks.0.mlp.fc1"] == "ghost"
     for name, param in module.named_parameters():
         torch.testing.assert_close(before[name] - param.detach(), expected[name.removeprefix("model.")], **TOL)
+
+
+def test_poolformer_trains_although_float32_rounding_is_large_in_its_last_stage():
+    """The first-step sum check must not refuse a correct model whose float32 gradients are ill-conditioned.
+
+    At 64 px the last stage of timm's PoolFormer is 2x2: its token mixer ``pool(x) - x`` nearly cancels,
+    and autograd's own float32 gradient of the layer scale is 2.5e-3 off the float64 one.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model("poolformer_s12", pretrained=False, num_classes=CLASSES)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(6, 3, 64, 64, generator=g), torch.randint(0, CLASSES, (6,), generator=g))
+    strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    _trainer(strategy, max_steps=1).fit(Classifier(model, data, batch_size=6, lr=0.01))
+    assert strategy.steps == 1

@@ -674,9 +674,11 @@ class DPStrategy(DDPStrategy):
         ordinary gradient, so this check catches it on the first step.
         """
         self._verify_next = False
-        # float rounding of sums over a batch stays far below these, a parameter used outside its module's
-        # forward is off by O(1)
-        tolerance = 5e-2 if self._low_precision else 1e-3
+        # A parameter used outside its module's forward is off by O(1). Float rounding is not always far
+        # below 1e-3: in timm's PoolFormer at 2x2 pixels the last stage's layer-scale gradient (of
+        # `pool(x) - x`, nearly cancelling) is off by 2.5e-3 from float64 in autograd itself, and by
+        # 3e-3 in the per-sample sum.
+        tolerance = 5e-2 if self._low_precision else 1e-2
         wrong = self.clipping_engine.sums_not_adding_up(self.engine.loss_scale, tolerance)
         if wrong:
             raise RuntimeError(
