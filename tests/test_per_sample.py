@@ -665,3 +665,22 @@ def test_beit_attention_computes_its_qkv_bias_separately_while_attached() -> Non
     assert attention.qkv_bias_separate is True
     engine.detach()
     assert attention.qkv_bias_separate is False
+
+
+class DroppedScale(Scale):
+    """A replayed parameter next to dropout: the replay cannot redraw the forward pass's mask."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(super().forward(x))
+
+
+def test_replay_refuses_random_operations_naming_the_module() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), DroppedScale(4), nn.Linear(4, 2))
+    engine = PerSampleGradients()
+    engine.attach(model)
+    with engine.capturing(), pytest.raises(RuntimeError, match=r"replay of `1` \(DroppedScale\) met a random"):
+        model(torch.randn(5, 3)).sum().backward()

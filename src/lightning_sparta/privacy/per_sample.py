@@ -233,7 +233,7 @@ class PerSampleGradients:
             )
             if rest and not recorded and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
                 # the replay keeps a parameter-free copy of the module: make it before adding any hook
-                self._replays[module] = OwnParameterReplay(module, [n for n, _ in rest])
+                self._replays[module] = OwnParameterReplay(module, [n for n, _ in rest], name or "<root>")
                 self._attach_replay(module, name)
                 self._record(name, module, "functorch", [n for n, _ in rest])
                 rest = []

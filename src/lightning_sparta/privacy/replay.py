@@ -59,9 +59,11 @@ class OwnParameterReplay:
         True
     """
 
-    def __init__(self, module: nn.Module, names: list[str] | None = None) -> None:
-        """``names``: the own parameters to differentiate (default: every trainable one)."""
+    def __init__(self, module: nn.Module, names: list[str] | None = None, label: str = "") -> None:
+        """``names``: the own parameters to differentiate (default: every trainable one); ``label``: the
+        module's name in the model, for error messages."""
         self.names = names
+        self.label = label or type(module).__name__
         # copy the structure only: every tensor of the copy is an empty one on the meta device
         memo: dict[int, Any] = {}
         for p in module.parameters():
@@ -105,7 +107,17 @@ class OwnParameterReplay:
             return (out * g.unsqueeze(0).to(out.dtype)).sum()
 
         grads: Callable[..., dict[str, torch.Tensor]] = vmap(grad(one), in_dims=(None, arg_dims, value_dims, 0))
-        per_sample = grads({n: p.detach() for n, p in own.items()}, args, values, backprops)
+        try:
+            per_sample = grads({n: p.detach() for n, p in own.items()}, args, values, backprops)
+        except RuntimeError as error:
+            if "randomness" not in str(error):
+                raise
+            raise RuntimeError(
+                f"The per-sample replay of `{self.label}` ({type(module).__name__}) met a random operation "
+                "(dropout, stochastic depth) in its forward pass. A replay cannot reuse the draws of the real "
+                "forward pass, so its per-sample gradients would be wrong: set that module's drop rates to 0, or "
+                f"freeze its parameters {sorted(own)}."
+            ) from error
         return {own[n]: g for n, g in per_sample.items()}
 
 
