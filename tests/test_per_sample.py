@@ -684,3 +684,15 @@ def test_replay_refuses_random_operations_naming_the_module() -> None:
     engine.attach(model)
     with engine.capturing(), pytest.raises(RuntimeError, match=r"replay of `1` \(DroppedScale\) met a random"):
         model(torch.randn(5, 3)).sum().backward()
+
+
+def test_replay_refuses_a_keyword_input_changed_after_the_forward_pass() -> None:
+    model = BiasTable(4)
+    engine = PerSampleGradients()
+    engine.attach(model)
+    temperature = torch.tensor([2.0])
+    with engine.capturing():
+        out = model(torch.randn(3, 4, 4, requires_grad=True), temperature=temperature)
+        temperature.mul_(3.0)  # the replay would divide by 6 where the forward divided by 2
+        with pytest.raises(RuntimeError, match=r"Keyword input `temperature` of BiasTable was modified in place"):
+            out.sum().backward()

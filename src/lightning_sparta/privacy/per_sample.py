@@ -583,23 +583,25 @@ class _Call:
         self.module = module
         self.pending = True
         self.tapped = False
-        self.set_inputs(inputs)
+        self.set_inputs(inputs, kwargs)
+
+    def set_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        self.inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
         # keyword arguments, kept for the replay path only
         self.kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in (kwargs or {}).items()}
-
-    def set_inputs(self, inputs: tuple[Any, ...]) -> None:
-        self.inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
         # detach() shares the version counter: a later in-place change of an input is detected in take()
-        self.versions = [t._version if torch.is_tensor(t) else None for t in self.inputs]
+        self.versions = [t._version if torch.is_tensor(t) else None for t in (*self.inputs, *self.kwargs.values())]
 
     def take(self) -> list[Any]:
-        """The inputs, once; raises if one was modified in place since the forward pass."""
+        """The inputs, once (keyword ones stay in ``kwargs``); raises if one was modified in place since the forward."""
         self.pending = False
         inputs, self.inputs = self.inputs, []
-        for i, (t, version) in enumerate(zip(inputs, self.versions, strict=True)):
+        names = [f"Input {i}" for i in range(len(inputs))] + [f"Keyword input `{k}`" for k in self.kwargs]
+        tensors = [*inputs, *self.kwargs.values()]
+        for name, t, version in zip(names, tensors, self.versions, strict=True):
             if version is not None and t._version != version:
                 raise RuntimeError(
-                    f"Input {i} of {type(self.module).__name__} was modified in place after its forward pass; "
+                    f"{name} of {type(self.module).__name__} was modified in place after its forward pass; "
                     "its per-sample gradient would use the modified values. Make that operation out of place."
                 )
         return inputs
