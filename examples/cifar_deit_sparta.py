@@ -73,6 +73,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sparta import DPStrategy, PrivacyBudgetCallback, SpartaMaskCallback
 from lightning_sparta.demo.cifar import CIFARDataModule, TimmClassifier, cifar_num_classes
+from lightning_sparta.demo.console import quiet_lightning_notices
 
 __all__ = ["SpartaCLI", "SpartaMask", "main"]
 
@@ -158,6 +159,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             argument raises when its class is created (the message names it).
         SystemExit: On a parse error (unknown option, wrong type), after printing the usage.
     """
+    quiet_lightning_notices()
     cli = SpartaCLI(
         TimmClassifier,
         CIFARDataModule,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lightning_sparta.demo import TransferConfig, run_transfer
+from lightning_sparta.demo import TransferConfig, quiet_lightning_notices, run_transfer
 from lightning_sparta.demo.transfer import MAIN_JOB_MODEL, MODEL_PRESETS, TRANSFER_MODELS
 
 #: The defaults of every option without ``--model``: ``TransferConfig.preset("efficientnet_lite0")``.
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     parser = _parser_for(argv)
     args = parser.parse_args(argv)
+    quiet_lightning_notices()
     try:
         config = config_from_args(args)
     except ValueError as err:  # a bad option: name it the command-line way, without a traceback
