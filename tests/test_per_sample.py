@@ -221,6 +221,15 @@ class AttentionWithTable(nn.Module):
         return scores.softmax(-1) @ (x * self.gain)
 
 
+def _std_conv(kind: str, *args, **kwargs) -> nn.Module:
+    """timm's weight-standardised conv ``kind``, with a trained-looking gain (not all ones)."""
+    conv = getattr(timm.layers, kind)(*args, **kwargs)
+    if hasattr(conv, "gain"):
+        with torch.no_grad():
+            conv.gain.mul_(1 + 0.3 * torch.randn_like(conv.gain))
+    return conv
+
+
 def efficientformer_attention() -> nn.Module:
     """timm's EfficientFormer attention: ``attention_biases`` indexed by the ``attention_bias_idxs`` buffer."""
     from timm.models.efficientformer import Attention
@@ -333,6 +342,36 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
         _classes(3),
         cross_entropy,
     ),
+    "std_conv": (
+        lambda: nn.Sequential(_std_conv("StdConv2d", 3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+        _normal(3, 6, 6),
+        _classes(3),
+        cross_entropy,
+    ),
+    "scaled_std_conv_groups": (
+        lambda: nn.Sequential(
+            _std_conv("ScaledStdConv2d", 4, 6, 3, groups=2, gain_init=0.7),
+            nn.Flatten(),
+            nn.Linear(6 * 6 * 6, 3),
+        ),
+        _normal(4, 6, 6),
+        _classes(3),
+        cross_entropy,
+    ),
+    "std_conv_same_strided": (
+        lambda: nn.Sequential(_std_conv("StdConv2dSame", 3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
+        _normal(3, 7, 7),
+        _classes(3),
+        cross_entropy,
+    ),
+    "scaled_std_conv_same_strided": (
+        lambda: nn.Sequential(
+            _std_conv("ScaledStdConv2dSame", 3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+        ),
+        _normal(3, 7, 7),
+        _classes(3),
+        cross_entropy,
+    ),
     "replay_buffers_kwargs": (
         lambda: nn.Sequential(nn.Linear(6, 5), AttentionWithTable(5, 4), nn.Flatten(), nn.Linear(20, 3)),
         _normal(4, 6),
@@ -427,6 +466,8 @@ def test_matches_torch_func(case: str, dtype: torch.dtype, reduction: str) -> No
         ("functorch_subtree", "1", "functorch"),
         ("broadcast_token", "1", "broadcast"),
         ("broadcast_token_functorch", "1", "functorch"),
+        ("std_conv", "0", "grad_sampler"),
+        ("scaled_std_conv_same_strided", "0", "grad_sampler"),
         ("replay_buffers_kwargs", "1", "functorch"),
         ("replay_buffers_kwargs", "1.bias", "functorch"),
         ("replay_buffers_kwargs", "1.qk", "grad_sampler"),

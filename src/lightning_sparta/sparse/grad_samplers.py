@@ -14,6 +14,9 @@ for the row-sparse layers it would miss the O(k) structure). Importing this modu
   Opacus' block-diagonal form, and ``padding_mode``/string padding are applied as the layer applies them.
 * ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d``: subclasses or
   custom modules that Opacus' exact-type lookup misses.
+* timm's weight-standardised convs ``StdConv2d``, ``ScaledStdConv2d`` and their ``*Same`` variants
+  (BiT ResNet-v2, NF-Nets): the per-sample gradient of the standardised filter, taken back through
+  the standardisation in closed form.
 
 Every sampler follows Opacus' signature: ``activations[0]`` is the layer input and ``backprops``
 the per-sample gradient of the loss with respect to the output, both batch-first.
@@ -25,7 +28,17 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, LayerScale, LayerScale2d
+from timm.layers import (
+    Conv2dSame,
+    LayerNorm,
+    LayerNorm2d,
+    LayerScale,
+    LayerScale2d,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    StdConv2d,
+    StdConv2dSame,
+)
 from timm.layers.padding import pad_same
 from torch import nn
 
@@ -46,6 +59,7 @@ __all__ = [
     "compute_masked_linear_grad_sample",
     "compute_row_sparse_conv2d_grad_sample",
     "compute_row_sparse_linear_grad_sample",
+    "compute_std_conv2d_grad_sample",
     "compute_timm_layer_norm2d_grad_sample",
 ]
 
@@ -255,6 +269,49 @@ def compute_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor]
     if layer.weight.requires_grad:
         weights = _dense_conv_weight_grads(_Unpadded(layer), x, backprops)  # type: ignore[arg-type]
         grads[layer.weight] = weights.view(len(x), *layer.weight.shape)
+    return grads
+
+
+@register_grad_sampler([StdConv2d, ScaledStdConv2d, StdConv2dSame, ScaledStdConv2dSame])
+def compute_std_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> Grads:
+    """Per-sample gradients of timm's weight-standardised convs (``weight``, ``bias`` and ``gain``).
+
+    The conv runs with ``Ŵ_o = a_o (W_o - mean(W_o)) / s_o`` for each filter ``o`` (``s_o`` the square
+    root of its biased variance plus ``eps``; ``a_o = gain_o · scale`` for the scaled convs, 1 otherwise).
+    With ``G`` the per-sample gradient of ``Ŵ`` (a conv's, :func:`_dense_conv_weight_grads`) and
+    ``x̂_o = (W_o - mean(W_o)) / s_o``, the filter's own normalisation backward gives, per sample,
+    ``∂W_o = (a_o G_o - mean(a_o G_o) - x̂_o · mean(a_o G_o ⊙ x̂_o)) / s_o`` and ``∂gain_o = scale · Σ G_o ⊙ x̂_o``.
+
+    Args:
+        layer: A ``StdConv2d``, ``ScaledStdConv2d`` or ``*Same`` variant (their own ``forward``).
+        activations: ``[input]``, input of shape ``[B, C_in, H, W]``.
+        backprops: Gradient of the loss with respect to the output, ``[B, out, H', W']``.
+
+    Returns:
+        Per-sample gradient of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    if getattr(layer, "same_pad", False):
+        x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+    x = _explicitly_padded(layer, x)
+    grads = _bias_grads(layer, backprops, channels_last=False)
+    gain = getattr(layer, "gain", None)
+    train_gain = gain is not None and gain.requires_grad
+    if not (layer.weight.requires_grad or train_gain):
+        return grads
+    n = len(x)
+    standardised = _dense_conv_weight_grads(_Unpadded(layer), x, backprops)  # type: ignore[arg-type]  # [B, out, fan-in]
+    w = layer.weight.detach().reshape(layer.out_channels, -1).to(standardised.dtype)
+    inv_std = torch.rsqrt(w.var(1, unbiased=False, keepdim=True) + layer.eps)  # [out, 1]
+    x_hat = (w - w.mean(1, keepdim=True)) * inv_std
+    along = (standardised * x_hat).mean(-1, keepdim=True)  # [B, out, 1]: mean of G_o ⊙ x̂_o
+    if train_gain:
+        grads[gain] = (along * (w.shape[1] * layer.scale)).view(n, *gain.shape)
+    if layer.weight.requires_grad:
+        a = (gain.detach() * layer.scale).reshape(-1, 1).to(standardised.dtype) if gain is not None else 1.0
+        dy = standardised * a
+        weight = (dy - dy.mean(-1, keepdim=True) - x_hat * (along * a)) * inv_std
+        grads[layer.weight] = weight.view(n, *layer.weight.shape)
     return grads
 
 
