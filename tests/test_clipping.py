@@ -48,6 +48,17 @@ def _conv(*args, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(*args, **kwargs)
 
 
+def _std_conv(kind: str, *args, **kwargs) -> nn.Module:
+    """timm's weight-standardised conv with a gain that is not all ones, and non-trivial filters."""
+    import timm.layers
+
+    conv = getattr(timm.layers, kind)(*args, **kwargs)
+    if hasattr(conv, "gain"):
+        with torch.no_grad():
+            conv.gain.mul_(1 + 0.3 * torch.randn_like(conv.gain))
+    return conv
+
+
 def _row_sparse_linear():
     return RowSparseLinear.from_dense(nn.Linear(7, 6), torch.tensor([4, 1]))
 
@@ -80,6 +91,27 @@ CASES = [
         lambda g: torch.randn(5, 4, 10, 10, generator=g),
     ),
     ("conv-one-position", lambda: _conv(3, 4, 3), lambda g: torch.randn(5, 3, 3, 3, generator=g)),
+    ("std-conv", lambda: _std_conv("StdConv2d", 3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, 6, generator=g)),
+    (
+        "scaled-std-conv-grouped",
+        lambda: _std_conv("ScaledStdConv2d", 4, 6, 3, groups=2),
+        lambda g: torch.randn(5, 4, 5, 5, generator=g),
+    ),
+    (
+        "std-conv-same-strided",
+        lambda: _std_conv("StdConv2dSame", 3, 4, 3, stride=2),
+        lambda g: torch.randn(5, 3, 7, 7, generator=g),
+    ),
+    (
+        "scaled-std-conv-same-many-positions",
+        lambda: _std_conv("ScaledStdConv2dSame", 3, 4, 3),
+        lambda g: torch.randn(5, 3, 9, 9, generator=g),
+    ),
+    (
+        "scaled-std-conv-one-position",
+        lambda: _std_conv("ScaledStdConv2d", 3, 4, 3, padding=0),
+        lambda g: torch.randn(5, 3, 3, 3, generator=g),
+    ),
     ("row-sparse-linear", _row_sparse_linear, lambda g: torch.randn(6, 7, generator=g)),
     ("row-sparse-linear-3d", _row_sparse_linear, lambda g: torch.randn(6, 3, 7, generator=g)),
     ("row-sparse-conv", _row_sparse_conv, lambda g: torch.randn(5, 4, 6, 6, generator=g)),

@@ -62,7 +62,7 @@ TRAINED = {
     "regnety_002": ({}, {"ghost", "grad_sampler"}),
     "convnext_atto": ({}, {"ghost", "grad_sampler", "functorch"}),  # layer scale `gamma`: replay
     "poolformer_s12": ({}, {"ghost", "grad_sampler", "functorch"}),
-    "nf_resnet26": ({}, {"ghost", "functorch"}),  # ScaledStdConv2d: replay
+    "nf_resnet26": ({}, {"ghost"}),  # ScaledStdConv2d: its own ghost form
     "mixer_s16_224": ({}, {"ghost", "grad_sampler"}),
     "resmlp_12_224": ({}, {"ghost", "functorch"}),
     "pvt_v2_b0": ({}, {"ghost", "grad_sampler"}),

@@ -226,6 +226,55 @@ class GemmTerm(_Term):
         return torch.matmul(b[:, :, 0].permute(1, 2, 0), a[:, :, 0].transpose(0, 1)).reshape(self.param.shape)
 
 
+class StandardisedTerm(GemmTerm):
+    """A weight-standardised conv's raw weight (timm's ``StdConv2d``/``ScaledStdConv2d``).
+
+    The conv runs with ``Ŵ_o = w_o s_o x̂_o`` for each filter ``o`` (``x̂_o`` the filter standardised over
+    its ``n`` fan-in entries, ``s_o`` its standard deviation with ``eps``, ``w_o = a_o / s_o`` with ``a_o``
+    the gain times the scale, or 1). The gradient of the raw filter is the normalisation's backward of
+    the standardised one's, ``∂W_{i,o} = w_o (G_{i,o} - μ_{i,o} 1 - c_{i,o} x̂_o)`` with ``G_i`` the plain
+    conv gradient, ``μ_{i,o}`` its mean and ``c_{i,o} = mean(G_{i,o} ⊙ x̂_o)``. The parent's patches and
+    gradients are those of ``diag(w) G_i`` (the output gradient scaled per filter), so its ghost norm,
+    book-keeping product and materialisation give that part; this class adds the rank-two correction
+    ``R_i``: to the norm ``Σ_o w_o² (-n μ_{i,o}² - c_{i,o}² (2n - ‖x̂_o‖²))``, and to the sums and the
+    materialised gradients ``R_i`` itself.
+    """
+
+    def __init__(self, base: GemmTerm, x_hat: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, c: torch.Tensor):
+        super().__init__(base.param, base.patches, base.grads, base.shape, base._clipped_sum, base._materialise)
+        self.x_hat, self.w = x_hat, w  # [out, n], [out]
+        self.mean, self.c = mean, c  # [B, out] each
+
+    def correction(self, lo: int, hi: int) -> torch.Tensor:
+        """``R_i`` of samples ``lo:hi``, ``[hi - lo, out, n]``."""
+        return -self.w[:, None] * (self.mean[lo:hi, :, None] + self.c[lo:hi, :, None] * self.x_hat)
+
+    def materialise(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        g = super().materialise(lo, hi, out)
+        g.view(hi - lo, *self.x_hat.shape).add_(self.correction(lo, hi))
+        return g
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        f = factors.to(self.c.dtype)
+        r = -self.w[:, None] * ((f @ self.mean)[:, None] + (f @ self.c)[:, None] * self.x_hat)
+        return super().clipped_sum(factors) + r.view(self.param.shape)
+
+    def absolute_sum(self, factors: torch.Tensor) -> torch.Tensor | None:
+        return None  # |∂W_i| has no product form: materialised
+
+
+def _standardised_norm_corrections(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor | None:
+    """The rank-two part of a standardised conv's ``‖∂W_i‖²`` over all its calls (see :class:`StandardisedTerm`)."""
+    if not isinstance(terms[0], StandardisedTerm):
+        return None
+    first = terms[0]
+    mean = sum(t.mean[lo:hi] for t in terms)  # type: ignore[attr-defined]
+    c = sum(t.c[lo:hi] for t in terms)  # type: ignore[attr-defined]
+    n = first.x_hat.shape[1]
+    spread = 2 * n - first.x_hat.square().sum(1)  # [out]
+    return -(first.w.square() * (n * mean.square() + c.square() * spread)).sum(1)
+
+
 class EmbeddingTerm(_Term):
     """``nn.Embedding``: ``g_i = Σ_t e_{idx_it} ⊗ b_it``; ghost norm ``Σ_{t,t'} [idx_it = idx_it'] ⟨b_it, b_it'⟩``."""
 
@@ -271,10 +320,12 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
         a = _cat([_wide(term.patches(lo, hi)) for term in terms])  # [b, G, T, P]
         b = _cat([_wide(term.grads(lo, hi)) for term in terms])  # [b, G, T, O]
         if t == 1:
-            out.append((a.square().sum(-1) * b.square().sum(-1)).sum((1, 2)))
+            norms = (a.square().sum(-1) * b.square().sum(-1)).sum((1, 2))
         else:
             gram = a @ a.transpose(-1, -2)  # [b, G, T, T]
-            out.append(gram.mul_(b @ b.transpose(-1, -2)).sum((1, 2, 3)))
+            norms = gram.mul_(b @ b.transpose(-1, -2)).sum((1, 2, 3))
+        correction = _standardised_norm_corrections(terms, lo, hi)
+        out.append(norms if correction is None else norms + correction.to(norms.dtype))
     return torch.cat(out)
 
 
@@ -774,10 +825,50 @@ def _register_sparse_and_timm() -> None:
     register_norm_sampler([RowSparseLinear, RowSparseConv2d])(opacus_norm_sampler)
 
     try:
-        from timm.layers import Conv2dSame
+        from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
         from timm.layers.padding import pad_same
     except ImportError:  # pragma: no cover
         return
+
+    standardised = (StdConv2d, ScaledStdConv2d, StdConv2dSame, ScaledStdConv2dSame)
+
+    def standardised_conv_ghost_form(module: nn.Conv2d, inputs: list, grad_output: torch.Tensor) -> list[_Term]:
+        """timm's weight-standardised convs: the plain conv's terms for ``diag(w) G``, plus the correction
+        of the filters' normalisation backward (:class:`StandardisedTerm`); ``gain`` per sample in closed form."""
+        x = inputs[0]
+        if getattr(module, "same_pad", False):
+            x = pad_same(x, module.kernel_size, module.stride, module.dilation)
+        padding, groups = _conv_padding(module), module.groups
+        g = _wide(grad_output)
+        weight = module.weight.detach()
+        flat = _wide(weight).reshape(module.out_channels, -1)
+        n = flat.shape[1]
+        inv_std = torch.rsqrt(flat.var(1, unbiased=False) + module.eps)  # [out]
+        x_hat = (flat - flat.mean(1, keepdim=True)) * inv_std[:, None]
+        gain = getattr(module, "gain", None)
+        a = (_wide(gain.detach()) * module.scale).reshape(-1) if gain is not None else torch.ones_like(inv_std)
+        w = a * inv_std
+        # per sample and filter: Σ_t g_t (x̂_o · patch_t) and Σ_t g_t Σ(patch_t), one conv of the input each
+        xs = _wide(x)
+        ones = torch.ones((groups, *weight.shape[1:]), dtype=xs.dtype, device=xs.device)
+        along = F.conv2d(xs, x_hat.view_as(weight), None, module.stride, padding, module.dilation, groups)
+        sums = F.conv2d(xs, ones, None, module.stride, padding, module.dilation, groups)  # [B, groups, H', W']
+        sums = sums.repeat_interleave(module.out_channels // groups, dim=1)
+        c = (g * along).sum((2, 3)) / n  # [B, out]: mean(G_o ⊙ x̂_o)
+        mean = (g * sums).sum((2, 3)) / n  # [B, out]: mean(G_o)
+        terms: list[_Term] = []
+        if _trainable(module.bias):
+            terms.append(DenseTerm(module.bias, g.sum((2, 3))))
+        if _trainable(gain):
+            assert gain is not None
+            terms.append(DenseTerm(gain, (c * (n * module.scale)).view(len(g), *gain.shape)))
+        if _trainable(module.weight):
+            base = _conv_terms(module, module.weight, None, x, g * w[None, :, None, None], padding, groups)
+            terms.append(StandardisedTerm(base[0], x_hat, w, mean, c))  # type: ignore[arg-type]
+        return terms
+
+    for kind in standardised:
+        register_ghost_form(kind, _supports_conv)(standardised_conv_ghost_form)
 
     def supports_same(module: nn.Module) -> bool:
         return type(module).forward is Conv2dSame.forward and _supports_conv(module)
