@@ -42,7 +42,7 @@ ROWS = (
 # DPStrategy(clipping=...) of a row, from its suffix: per-sample gradients (no suffix), mixed ghost
 # norms + book-keeping ("-bk", clipping="auto"), ghost norms everywhere ("-ghost", clipping="ghost")
 CLIPPING_SUFFIXES = {"-bk": "auto", "-ghost": "ghost"}
-MODELS = ("deit", "resnet", "effnet")
+MODELS = ("deit", "resnet", "effnet", "nfnet")
 SPARSE_FRACTIONS = {"sparta-sparse-20%": 0.2, "sparta-sparse-1%": 0.01}
 SWEEP_BATCHES = (16, 32, 64, 128, 256)
 SWEEP_ROWS = ("non-private", "dpstrategy", "dpstrategy-bk")
@@ -159,6 +159,10 @@ def build_model(name: str, depth: int, image_size: int = 32):
             num_classes=NUM_CLASSES,
             depth=depth,
         )
+    if name == "nfnet":
+        # NF-ResNet-26 (random init): timm's ScaledStdConv2d everywhere, no normalisation layers, the
+        # weight-standardised convs DP-SGD work favours (De et al., 2022, used NF-Nets)
+        return timm.create_model("nf_resnet26", pretrained=False, num_classes=NUM_CLASSES)
     if name == "effnet":
         # EfficientNet-Lite0 (random init; the main job's ImageNet weights do not change the cost): BatchNorm
         # with frozen statistics under DPStrategy, depthwise convs, timm's Conv2dSame, in-place ReLU6.
