@@ -29,7 +29,7 @@ class _Loss(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = y.flatten(1)
-        weights = torch.linspace(-1.0, 2.0, y.shape[1], dtype=y.dtype)
+        weights = torch.linspace(-1.0, 2.0, y.shape[1], dtype=y.dtype, device=y.device)
         return (torch.sin(3 * y) * weights).sum(1) + 0.1 * y.square().sum(1)
 
 

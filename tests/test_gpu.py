@@ -12,9 +12,14 @@ import math
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from lightning_sparta import DPStrategy, SpartaMaskCallback
 from lightning_sparta.sparse import RowSparseConv2d, RowSparseLinear
+from test_clipping import CASES as CLIPPING_CASES
+from test_clipping import _Loss, _reference, _run
+from test_per_sample import assert_per_sample_grads_match as assert_hooked_grads_match
+from test_per_sample import build as build_per_sample_case
 from test_sparse_layers import SPARSE_CASES, _build, _perturb_, assert_per_sample_grads_match
 from test_sparta import FRACTION, SCORED, SparseModule
 from test_strategy import TinyModule, _clipped_sum_reference, _trainer
@@ -100,3 +105,49 @@ def test_sparta_on_gpu_keeps_frozen_rows_bit_identical(tmp_path):
         assert (state[f"{layer}.weight"][rows] != pretrained[f"{layer}.weight"][rows]).flatten(1).any(1).all()
         assert isinstance(module.get_submodule(layer), RowSparseConv2d | RowSparseLinear)
     assert trainer.strategy.steps == 3 * 4  # the scoring epoch's steps are accounted too
+
+
+def check_clipping_case(layer, inputs, device: str) -> None:
+    """The ghost engine's norms and clipped sums of one layer case on ``device`` equal torch.func's there."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(layer(), _Loss()).double().to(device)
+    x = inputs(g)
+    x = (x.double() if x.is_floating_point() else x).to(device)
+    reference = _reference(model, x)
+    norms2, factors, signed, absolute, _, _ = _run(model, x, "auto")
+    expected = torch.stack([r.flatten(1).square().sum(1) for r in reference.values()]).sum(0)
+    torch.testing.assert_close(norms2.double(), expected, rtol=1e-5, atol=0)
+    for key, r in reference.items():
+        f = factors.double().to(r.device)
+        torch.testing.assert_close(signed[key].double(), torch.einsum("i,i...->...", f, r), rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(
+            absolute[key].double(), torch.einsum("i,i...->...", f, r.abs()), rtol=1e-5, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize(("name", "layer", "inputs"), CLIPPING_CASES, ids=[c[0] for c in CLIPPING_CASES])
+def test_clipping_engine_on_gpu_equals_torch_func(name, layer, inputs):
+    """Every ghost form (standardised convs included) and its materialised path, on the GPU."""
+    check_clipping_case(layer, inputs, "cuda")
+
+
+REPLAY_CASES = [
+    "replay_buffers_kwargs",
+    "replay_timm_efficientformer",
+    "std_conv",
+    "scaled_std_conv_groups",
+    "beit",
+    "eva02",
+]
+
+
+def check_per_sample_case(case: str, device: str) -> None:
+    """The per-sample replay, the standardised-conv sampler and the BEiT/EVA paths on ``device``."""
+    model, x, y, loss_fn = build_per_sample_case(case, torch.float32)
+    assert_hooked_grads_match(model.to(device), x.to(device), y.to(device), loss_fn, "mean")
+
+
+@pytest.mark.parametrize("case", REPLAY_CASES)
+def test_per_sample_paths_on_gpu_equal_torch_func(case):
+    check_per_sample_case(case, "cuda")
