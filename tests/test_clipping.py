@@ -20,6 +20,7 @@ from lightning_sparta.privacy import clipping
 from lightning_sparta.privacy.clipping import GhostClipping, create_clipping_engine
 from lightning_sparta.privacy.per_sample import PerSampleGradients
 from lightning_sparta.sparse.layers import RowSparseConv2d, RowSparseLinear
+from test_per_sample import std_conv
 
 MODES = ("per_sample", "ghost", "auto")
 
@@ -46,17 +47,6 @@ class _Twice(nn.Module):
 
 def _conv(*args, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(*args, **kwargs)
-
-
-def _std_conv(kind: str, *args, **kwargs) -> nn.Module:
-    """timm's weight-standardised conv with a gain that is not all ones, and non-trivial filters."""
-    import timm.layers
-
-    conv = getattr(timm.layers, kind)(*args, **kwargs)
-    if hasattr(conv, "gain"):
-        with torch.no_grad():
-            conv.gain.mul_(1 + 0.3 * torch.randn_like(conv.gain))
-    return conv
 
 
 def _row_sparse_linear():
@@ -91,25 +81,25 @@ CASES = [
         lambda g: torch.randn(5, 4, 10, 10, generator=g),
     ),
     ("conv-one-position", lambda: _conv(3, 4, 3), lambda g: torch.randn(5, 3, 3, 3, generator=g)),
-    ("std-conv", lambda: _std_conv("StdConv2d", 3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, 6, generator=g)),
+    ("std-conv", lambda: std_conv("StdConv2d", 3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, 6, generator=g)),
     (
         "scaled-std-conv-grouped",
-        lambda: _std_conv("ScaledStdConv2d", 4, 6, 3, groups=2),
+        lambda: std_conv("ScaledStdConv2d", 4, 6, 3, groups=2),
         lambda g: torch.randn(5, 4, 5, 5, generator=g),
     ),
     (
         "std-conv-same-strided",
-        lambda: _std_conv("StdConv2dSame", 3, 4, 3, stride=2),
+        lambda: std_conv("StdConv2dSame", 3, 4, 3, stride=2),
         lambda g: torch.randn(5, 3, 7, 7, generator=g),
     ),
     (
         "scaled-std-conv-same-many-positions",
-        lambda: _std_conv("ScaledStdConv2dSame", 3, 4, 3),
+        lambda: std_conv("ScaledStdConv2dSame", 3, 4, 3),
         lambda g: torch.randn(5, 3, 9, 9, generator=g),
     ),
     (
         "scaled-std-conv-one-position",
-        lambda: _std_conv("ScaledStdConv2d", 3, 4, 3, padding=0),
+        lambda: std_conv("ScaledStdConv2d", 3, 4, 3, padding=0),
         lambda g: torch.randn(5, 3, 3, 3, generator=g),
     ),
     ("row-sparse-linear", _row_sparse_linear, lambda g: torch.randn(6, 7, generator=g)),

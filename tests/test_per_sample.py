@@ -221,13 +221,23 @@ class AttentionWithTable(nn.Module):
         return scores.softmax(-1) @ (x * self.gain)
 
 
-def _std_conv(kind: str, *args, **kwargs) -> nn.Module:
+def std_conv(kind: str, *args, **kwargs) -> nn.Module:
     """timm's weight-standardised conv ``kind``, with a trained-looking gain (not all ones)."""
     conv = getattr(timm.layers, kind)(*args, **kwargs)
     if hasattr(conv, "gain"):
         with torch.no_grad():
             conv.gain.mul_(1 + 0.3 * torch.randn_like(conv.gain))
     return conv
+
+
+def _std_conv_case(kind: str, shape: tuple[int, int, int], side: int, flat: int, **kwargs):
+    """A ``kind`` conv (in, out, kernel) on ``side``-pixel inputs, flattened into a 3-class head."""
+    return (
+        lambda: nn.Sequential(std_conv(kind, *shape, **kwargs), nn.Flatten(), nn.Linear(flat, 3)),
+        _normal(shape[0], side, side),
+        _classes(3),
+        cross_entropy,
+    )
 
 
 def efficientformer_attention() -> nn.Module:
@@ -342,36 +352,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
         _classes(3),
         cross_entropy,
     ),
-    "std_conv": (
-        lambda: nn.Sequential(_std_conv("StdConv2d", 3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
-        _normal(3, 6, 6),
-        _classes(3),
-        cross_entropy,
-    ),
-    "scaled_std_conv_groups": (
-        lambda: nn.Sequential(
-            _std_conv("ScaledStdConv2d", 4, 6, 3, groups=2, gain_init=0.7),
-            nn.Flatten(),
-            nn.Linear(6 * 6 * 6, 3),
-        ),
-        _normal(4, 6, 6),
-        _classes(3),
-        cross_entropy,
-    ),
-    "std_conv_same_strided": (
-        lambda: nn.Sequential(_std_conv("StdConv2dSame", 3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
-        _normal(3, 7, 7),
-        _classes(3),
-        cross_entropy,
-    ),
-    "scaled_std_conv_same_strided": (
-        lambda: nn.Sequential(
-            _std_conv("ScaledStdConv2dSame", 3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
-        ),
-        _normal(3, 7, 7),
-        _classes(3),
-        cross_entropy,
-    ),
+    "std_conv": _std_conv_case("StdConv2d", (3, 4, 3), 6, 4 * 6 * 6, padding=1),
+    "scaled_std_conv_groups": _std_conv_case("ScaledStdConv2d", (4, 6, 3), 6, 6 * 6 * 6, groups=2, gain_init=0.7),
+    "std_conv_same_strided": _std_conv_case("StdConv2dSame", (3, 4, 3), 7, 4 * 4 * 4, stride=2),
+    "scaled_std_conv_same_strided": _std_conv_case("ScaledStdConv2dSame", (3, 4, 3), 7, 4 * 4 * 4, stride=2),
     "replay_buffers_kwargs": (
         lambda: nn.Sequential(nn.Linear(6, 5), AttentionWithTable(5, 4), nn.Flatten(), nn.Linear(20, 3)),
         _normal(4, 6),
