@@ -19,6 +19,7 @@ from opacus.utils.per_sample_gradients_utils import (
     check_per_sample_gradients_are_correct,
     compute_microbatch_grad_sample,
 )
+from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -402,6 +403,42 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
         _classes(3),
         cross_entropy,
     ),
+    "beit_layer_scale": (
+        lambda: timm.create_model(
+            "beit_base_patch16_224",
+            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
+            init_values=0.5,
+        ),
+        _normal(3, 16, 16),
+        _classes(3),
+        cross_entropy,
+    ),
+    "cait": (
+        lambda: timm.create_model(
+            "cait_xxs24_224",
+            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
+            init_values=0.5,
+        ),
+        _normal(3, 16, 16),
+        _classes(3),
+        cross_entropy,
+    ),
+    "convnext_block": (
+        lambda: nn.Sequential(
+            ConvNeXtBlock(8, kernel_size=3, ls_init_value=0.5), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)
+        ),
+        _normal(8, 5, 5),
+        _classes(3),
+        cross_entropy,
+    ),
+    "convnext_block_conv_mlp": (
+        lambda: nn.Sequential(
+            ConvNeXtBlock(8, kernel_size=3, ls_init_value=0.5, conv_mlp=True), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)
+        ),
+        _normal(8, 5, 5),
+        _classes(3),
+        cross_entropy,
+    ),
     "deit_distilled": (
         lambda: timm.create_model(
             "deit_tiny_distilled_patch16_224",
@@ -459,6 +496,11 @@ def test_matches_torch_func(case: str, dtype: torch.dtype, reduction: str) -> No
         ("deit", "", "broadcast"),
         ("deit_distilled", "", "broadcast"),
         ("beit", "", "broadcast"),
+        ("beit_layer_scale", "blocks.0", "grad_sampler"),  # gamma_1, gamma_2 from taps, no replay
+        ("cait", "blocks.0", "grad_sampler"),
+        ("cait", "blocks_token_only.0", "grad_sampler"),
+        ("convnext_block", "0", "grad_sampler"),
+        ("convnext_block_conv_mlp", "0", "grad_sampler"),
         ("beit", "blocks.0.attn", "functorch"),  # q/v biases and the relative position table
         ("beit", "blocks.0.attn.qkv", "grad_sampler"),
         ("eva02", "", "broadcast"),

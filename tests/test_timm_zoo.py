@@ -60,7 +60,8 @@ TRAINED = {
     "efficientnet_b0": ({}, {"ghost", "grad_sampler"}),
     "mobilenetv3_small_050": ({}, {"ghost", "grad_sampler", "functorch"}),
     "regnety_002": ({}, {"ghost", "grad_sampler"}),
-    "convnext_atto": ({}, {"ghost", "grad_sampler", "functorch"}),  # layer scale `gamma`: replay
+    # layer scales (`gamma`) from two taps, stochastic depth included
+    "convnext_atto": ({"drop_path_rate": 0.1}, {"ghost", "grad_sampler"}),
     "poolformer_s12": ({}, {"ghost", "grad_sampler", "functorch"}),
     "nf_resnet26": ({}, {"ghost"}),  # ScaledStdConv2d: its own ghost form
     "mixer_s16_224": ({}, {"ghost", "grad_sampler"}),
@@ -68,9 +69,12 @@ TRAINED = {
     "pvt_v2_b0": ({}, {"ghost", "grad_sampler"}),
     "deit3_small_patch16_224": (SMALL_VIT, {"broadcast", "ghost", "grad_sampler"}),
     "deit_tiny_distilled_patch16_224": (SMALL_VIT, {"broadcast", "ghost", "grad_sampler"}),
-    "beit_base_patch16_224": (SMALL_VIT, {"broadcast", "ghost", "grad_sampler", "functorch"}),
+    "beit_base_patch16_224": (
+        {**SMALL_VIT, "init_values": 0.1, "drop_path_rate": 0.1},
+        {"broadcast", "ghost", "grad_sampler", "functorch"},  # functorch: the attention's q/v biases
+    ),
     "eva02_tiny_patch14_224": (SMALL_VIT, {"broadcast", "ghost", "grad_sampler", "functorch"}),
-    "cait_xxs24_224": ({"depth": 2}, {"ghost", "grad_sampler", "functorch"}),
+    "cait_xxs24_224": ({"depth": 2, "drop_path_rate": 0.1}, {"broadcast", "ghost", "grad_sampler"}),
 }
 
 REFUSED = {

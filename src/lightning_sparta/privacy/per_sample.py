@@ -100,6 +100,28 @@ def register_sampler_output(module_type: type[nn.Module], children: Iterable[str
     _SAMPLER_OUTPUTS[module_type] = tuple(children)
 
 
+_LAYER_SCALES: dict[type[nn.Module], tuple[dict[str, tuple[str, str]], Callable[[nn.Module], tuple[int, int]]]] = {}
+
+
+def register_layer_scale(
+    module_type: type[nn.Module],
+    scales: dict[str, tuple[str, str]],
+    layout: Callable[[nn.Module], tuple[int, int]] | None = None,
+) -> None:
+    """Declare parameters of ``module_type`` that scale a child's output channel-wise before another child.
+
+    ``scales`` maps a parameter name (a ``[C]`` vector) to ``(source, sink)``: in the module's forward
+    the parameter multiplies the output of child ``source`` and the product is the input of child ``sink``
+    (typically ``gamma * attn(...)`` fed to ``drop_path``). Its per-sample gradient is then the output of
+    ``source`` times the gradient at the input of ``sink``, summed over all but the batch and channel
+    dimensions: no replay of the module, and stochastic depth in ``sink`` is taken into account. A sink
+    may serve several parameters in turn (CaiT calls one ``drop_path`` twice). ``layout(module)`` gives
+    the channel dimension of the source output and of the sink input (default ``(-1, -1)``). A wrong
+    declaration is caught by the first-step check that per-sample gradients add up to the batch gradient.
+    """
+    _LAYER_SCALES[module_type] = (dict(scales), layout or (lambda _module: (-1, -1)))
+
+
 def register_path_note(note: Callable[[nn.Module], str | None]) -> None:
     """Add a function that annotates a module's row of :meth:`PerSampleGradients.summary`.
 
@@ -116,6 +138,9 @@ def _register_timm_vit() -> None:
     try:
         from timm.models.beit import Attention as BeitAttention
         from timm.models.beit import Beit
+        from timm.models.beit import Block as BeitBlock
+        from timm.models.cait import Cait, LayerScaleBlock, LayerScaleBlockClassAttn
+        from timm.models.convnext import ConvNeXtBlock
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.eva import Eva, EvaAttention
         from timm.models.vision_transformer import VisionTransformer
@@ -126,6 +151,12 @@ def _register_timm_vit() -> None:
     register_broadcast_parameters(VisionTransformerDistilled, ("cls_token", "dist_token", "reg_token", "pos_embed"))
     register_broadcast_parameters(Beit, ("cls_token", "pos_embed"))
     register_broadcast_parameters(Eva, ("cls_token", "reg_token", "pos_embed"))
+    register_broadcast_parameters(Cait, ("cls_token", "pos_embed"))
+    register_layer_scale(BeitBlock, {"gamma_1": ("attn", "drop_path1"), "gamma_2": ("mlp", "drop_path2")})
+    for cait_block in (LayerScaleBlock, LayerScaleBlockClassAttn):
+        register_layer_scale(cait_block, {"gamma_1": ("attn", "drop_path"), "gamma_2": ("mlp", "drop_path")})
+    # ConvNeXt's MLP runs channels-last unless `use_conv_mlp`; gamma scales the channels-first result
+    register_layer_scale(ConvNeXtBlock, {"gamma": ("mlp", "drop_path")}, lambda m: (1 if m.use_conv_mlp else -1, 1))
     # BEiT's and EVA's attention add their q/v biases by calling F.linear with the `qkv` child's weight,
     # so that child's forward (and hooks) never run; with `qkv_bias_separate` the same sum is computed as
     # `qkv(x) + bias`, and `qkv` gets its own path while the attention replays its biases
@@ -231,6 +262,12 @@ class PerSampleGradients:
                 and all(owners[id(p)] == 1 for _, p in rest)
                 and ghost(module)
             )
+            scales = _LAYER_SCALES.get(type(module))
+            declared = [n for n, _ in rest if scales is not None and n in scales[0]] if not recorded else []
+            if declared and grad_sampler_for(module) is None:
+                self._attach_layer_scales(module, declared)
+                self._record(name, module, "grad_sampler", declared)
+                rest = [(n, p) for n, p in rest if n not in declared]
             if rest and not recorded and grad_sampler_for(module) is None and not isinstance(module, LightningModule):
                 # the replay keeps a parameter-free copy of the module: make it before adding any hook
                 self._replays[module] = OwnParameterReplay(module, [n for n, _ in rest], name or "<root>")
@@ -354,6 +391,64 @@ class PerSampleGradients:
             call = _Call(module, inputs)
             self._activations[module].append(call)
             out.register_hook(self._backward_hook(call))
+
+    def _attach_layer_scales(self, module: nn.Module, names: list[str]) -> None:
+        """Per-sample gradients of declared layer scales (:func:`register_layer_scale`) from two taps per call."""
+        scales, layout = _LAYER_SCALES[type(module)]
+        frames: list[list[tuple[str, torch.Tensor]]] = []  # per open call of `module`: sources' outputs in order
+
+        def open_call(mod: nn.Module, _args: Any) -> None:
+            frames.append([])
+
+        def close_call(mod: nn.Module, _args: Any, _output: Any) -> None:
+            if frames:
+                frames.pop()
+
+        def source_hook(param: str) -> Callable[..., None]:
+            def hook(_child: nn.Module, _args: Any, output: Any) -> None:
+                if frames and self._active(module):
+                    out = output[0] if isinstance(output, (tuple, list)) else output
+                    frames[-1].append((param, out.detach()))
+
+            return hook
+
+        def sink_hook(sink: str) -> Callable[..., None]:
+            def hook(_child: nn.Module, args: tuple[Any, ...]) -> None:
+                if not frames or not args or not torch.is_tensor(args[0]) or not args[0].requires_grad:
+                    return
+                pending = frames[-1]
+                index = next((i for i, (p, _) in enumerate(pending) if scales[p][1] == sink), None)
+                if index is None:
+                    return
+                param, source_out = pending.pop(index)
+                args[0].register_hook(self._layer_scale_hook(module, param, source_out, layout(module)))
+
+            return hook
+
+        self._handles.append(module.register_forward_pre_hook(open_call))
+        self._handles.append(module.register_forward_hook(close_call, always_call=True))
+        for source in dict.fromkeys(scales[n][0] for n in names):
+            for param in [n for n in names if scales[n][0] == source]:
+                self._handles.append(module.get_submodule(source).register_forward_hook(source_hook(param)))
+        for sink in dict.fromkeys(scales[n][1] for n in names):
+            self._handles.append(module.get_submodule(sink).register_forward_pre_hook(sink_hook(sink)))
+
+    def _layer_scale_hook(
+        self, module: nn.Module, name: str, source_out: torch.Tensor, dims: tuple[int, int]
+    ) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            param = module.get_parameter(name)
+            source, sink = dims
+            values = source_out if source % source_out.dim() == sink % grad.dim() else source_out.movedim(source, sink)
+            channel = sink % grad.dim()
+            reduce = [d for d in range(1, grad.dim()) if d != channel]
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            per_sample = (values.to(wide) * grad.to(wide)).sum(reduce) * self.loss_scale  # [B, C]
+            _accumulate(param, per_sample.view(grad.shape[0], *param.shape))
+
+        return hook
 
     def _attach_replay(self, module: nn.Module, name: str) -> None:
         """Keep every input of each call (keyword arguments too) and refuse a forward that changes a buffer."""
