@@ -231,6 +231,29 @@ def std_conv(kind: str, *args, **kwargs) -> nn.Module:
     return conv
 
 
+def _tiny_timm_case(name: str, side: int = 16, **kwargs):
+    """A one-block timm ViT-family model ``name`` on ``side``-pixel images, 3 classes."""
+    config = {"img_size": side, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3}
+    return (
+        lambda: timm.create_model(name, pretrained=False, **{**config, **kwargs}),
+        _normal(3, side, side),
+        _classes(3),
+        cross_entropy,
+    )
+
+
+def _convnext_block_case(**kwargs):
+    """One timm ConvNeXt block (layer scale 0.5) on 8-channel 5x5 inputs, flattened into a 3-class head."""
+    return (
+        lambda: nn.Sequential(
+            ConvNeXtBlock(8, kernel_size=3, ls_init_value=0.5, **kwargs), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)
+        ),
+        _normal(8, 5, 5),
+        _classes(3),
+        cross_entropy,
+    )
+
+
 def _std_conv_case(kind: str, shape: tuple[int, int, int], side: int, flat: int, **kwargs):
     """A ``kind`` conv (in, out, kernel) on ``side``-pixel inputs, flattened into a 3-class head."""
     return (
@@ -385,69 +408,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, PerSampleLos
     ),
     "shared_branches": (SharedBranches, _normal(5), _classes(3), cross_entropy),
     "deit": (tiny_deit, _normal(3, 32, 32), _classes(10), cross_entropy),
-    "beit": (
-        lambda: timm.create_model(
-            "beit_base_patch16_224",
-            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
-        ),
-        _normal(3, 16, 16),
-        _classes(3),
-        cross_entropy,
-    ),
-    "eva02": (
-        lambda: timm.create_model(
-            "eva02_tiny_patch14_224",
-            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
-        ),
-        _normal(3, 16, 16),
-        _classes(3),
-        cross_entropy,
-    ),
-    "beit_layer_scale": (
-        lambda: timm.create_model(
-            "beit_base_patch16_224",
-            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
-            init_values=0.5,
-        ),
-        _normal(3, 16, 16),
-        _classes(3),
-        cross_entropy,
-    ),
-    "cait": (
-        lambda: timm.create_model(
-            "cait_xxs24_224",
-            **{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "num_classes": 3},
-            init_values=0.5,
-        ),
-        _normal(3, 16, 16),
-        _classes(3),
-        cross_entropy,
-    ),
-    "convnext_block": (
-        lambda: nn.Sequential(
-            ConvNeXtBlock(8, kernel_size=3, ls_init_value=0.5), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)
-        ),
-        _normal(8, 5, 5),
-        _classes(3),
-        cross_entropy,
-    ),
-    "convnext_block_conv_mlp": (
-        lambda: nn.Sequential(
-            ConvNeXtBlock(8, kernel_size=3, ls_init_value=0.5, conv_mlp=True), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)
-        ),
-        _normal(8, 5, 5),
-        _classes(3),
-        cross_entropy,
-    ),
-    "deit_distilled": (
-        lambda: timm.create_model(
-            "deit_tiny_distilled_patch16_224",
-            **{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2, "num_classes": 4},
-        ),
-        _normal(3, 32, 32),
-        _classes(4),
-        cross_entropy,
-    ),
+    "beit": _tiny_timm_case("beit_base_patch16_224"),
+    "eva02": _tiny_timm_case("eva02_tiny_patch14_224"),
+    "beit_layer_scale": _tiny_timm_case("beit_base_patch16_224", init_values=0.5),
+    "cait": _tiny_timm_case("cait_xxs24_224", init_values=0.5),
+    "convnext_block": _convnext_block_case(),
+    "convnext_block_conv_mlp": _convnext_block_case(conv_mlp=True),
+    "deit_distilled": _tiny_timm_case("deit_tiny_distilled_patch16_224", side=32, patch_size=8, embed_dim=24),
 }
 
 
