@@ -586,11 +586,10 @@ class DPStrategy(DDPStrategy):
         self._refresh_hooks()
         # A step that died between its backward pass and its release (an exception, an interrupt) left
         # its per-sample gradients and clipped sums behind: they belong to samples this step did not
-        # draw, and must never be added to its release.
+        # draw, and must never be added to its release. The engine's clear() also drops every hooked
+        # `.grad`: we own the gradients, and stale ones would hide a missing per-sample gradient.
         self._summed.clear()
         self.clipping_engine.clear()
-        for p in self.engine.parameters:
-            p.grad = None  # we own the gradients; stale ones would hide a missing per-sample gradient
         batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
         size = batch_size_of(batch)
         self._micro_batch_size = 0
