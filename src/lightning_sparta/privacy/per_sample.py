@@ -382,13 +382,15 @@ class PerSampleGradients:
         else:
             self._handles.append(module.register_forward_hook(self._hook_output))
 
-    def _hook_output(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _hook_output(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: Any, kwargs: dict[str, Any] | None = None
+    ) -> None:
         """Forward hook: keep the input and hook the output, whose gradient arrives in the backward pass."""
         if not self._active(module):
             return
         out = output[0] if isinstance(output, (tuple, list)) and output else output
         if torch.is_tensor(out) and out.requires_grad:
-            call = _Call(module, inputs)
+            call = _Call(module, inputs, kwargs)
             self._activations[module].append(call)
             out.register_hook(self._backward_hook(call))
 
@@ -427,9 +429,8 @@ class PerSampleGradients:
 
         self._handles.append(module.register_forward_pre_hook(open_call))
         self._handles.append(module.register_forward_hook(close_call, always_call=True))
-        for source in dict.fromkeys(scales[n][0] for n in names):
-            for param in [n for n in names if scales[n][0] == source]:
-                self._handles.append(module.get_submodule(source).register_forward_hook(source_hook(param)))
+        for param in names:
+            self._handles.append(module.get_submodule(scales[param][0]).register_forward_hook(source_hook(param)))
         for sink in dict.fromkeys(scales[n][1] for n in names):
             self._handles.append(module.get_submodule(sink).register_forward_pre_hook(sink_hook(sink)))
 
@@ -461,22 +462,18 @@ class PerSampleGradients:
         def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self._active(mod):
                 return
-            if check and self._buffer_versions[mod]:
-                changed = changed_buffers(mod, self._buffer_versions[mod].pop())
-                if output is None:  # the forward raised (this hook is always called): let that error through
-                    return
-                if changed:
-                    raise RuntimeError(
-                        f"`{name or '<root>'}` ({type(mod).__name__}) changed its buffers {shorten(changed)} in its "
-                        "forward pass: statistics of the batch mix the samples, so its per-sample gradients are "
-                        "not defined and the statistics themselves would be released without noise. Put the layer "
-                        "in eval mode (frozen statistics) or freeze its parameters."
-                    )
-            out = output[0] if isinstance(output, (tuple, list)) and output else output
-            if torch.is_tensor(out) and out.requires_grad:
-                call = _Call(mod, args, kwargs)
-                self._activations[mod].append(call)
-                out.register_hook(self._backward_hook(call))
+            versions = self._buffer_versions[mod].pop() if check and self._buffer_versions[mod] else None
+            if output is None:  # the forward raised (this hook is always called): let that error through
+                return
+            changed = changed_buffers(mod, versions) if versions is not None else []
+            if changed:
+                raise RuntimeError(
+                    f"`{name or '<root>'}` ({type(mod).__name__}) changed its buffers {shorten(changed)} in its "
+                    "forward pass: statistics of the batch mix the samples, so its per-sample gradients are "
+                    "not defined and the statistics themselves would be released without noise. Put the layer "
+                    "in eval mode (frozen statistics) or freeze its parameters."
+                )
+            self._hook_output(mod, args, output, kwargs)
 
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
