@@ -211,6 +211,13 @@ class GemmTerm(_Term):
         torch.matmul(grads.transpose(-1, -2), patches, out=out.view(hi - lo, groups, o, -1))
         return out
 
+    def norm_correction(self, terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor | None:
+        """What the ghost norm of ``terms`` (this one first) leaves out of ``‖g_i‖²`` for samples ``lo:hi``.
+
+        ``None``: nothing, the per-sample gradient is the product of patches and gradients alone.
+        """
+        return None
+
     def absolute_sum(self, factors: torch.Tensor) -> torch.Tensor | None:
         """``Σ_i c_i |g_i|`` without per-sample tensors when ``T = 1``, else ``None``.
 
@@ -262,17 +269,13 @@ class StandardisedTerm(GemmTerm):
     def absolute_sum(self, factors: torch.Tensor) -> torch.Tensor | None:
         return None  # |∂W_i| has no product form: materialised
 
-
-def _standardised_norm_corrections(terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor | None:
-    """The rank-two part of a standardised conv's ``‖∂W_i‖²`` over all its calls (see :class:`StandardisedTerm`)."""
-    if not isinstance(terms[0], StandardisedTerm):
-        return None
-    first = terms[0]
-    mean = sum(t.mean[lo:hi] for t in terms)  # type: ignore[attr-defined]
-    c = sum(t.c[lo:hi] for t in terms)  # type: ignore[attr-defined]
-    n = first.x_hat.shape[1]
-    spread = 2 * n - first.x_hat.square().sum(1)  # [out]
-    return -(first.w.square() * (n * mean.square() + c.square() * spread)).sum(1)
+    def norm_correction(self, terms: list[GemmTerm], lo: int, hi: int) -> torch.Tensor | None:
+        """The rank-two part of ``‖∂W_i‖²`` over all the conv's calls (the means and ``c`` add up over calls)."""
+        mean = sum(t.mean[lo:hi] for t in terms)  # type: ignore[attr-defined]
+        c = sum(t.c[lo:hi] for t in terms)  # type: ignore[attr-defined]
+        n = self.x_hat.shape[1]
+        spread = 2 * n - self.x_hat.square().sum(1)  # [out]
+        return -(self.w.square() * (n * mean.square() + c.square() * spread)).sum(1)
 
 
 class EmbeddingTerm(_Term):
@@ -324,7 +327,7 @@ def _gemm_squared_norms(terms: list[GemmTerm], ghost: bool) -> torch.Tensor:
         else:
             gram = a @ a.transpose(-1, -2)  # [b, G, T, T]
             norms = gram.mul_(b @ b.transpose(-1, -2)).sum((1, 2, 3))
-        correction = _standardised_norm_corrections(terms, lo, hi)
+        correction = terms[0].norm_correction(terms, lo, hi)
         out.append(norms if correction is None else norms + correction.to(norms.dtype))
     return torch.cat(out)
 
@@ -827,6 +830,8 @@ def _register_sparse_and_timm() -> None:
     try:
         from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
         from timm.layers.padding import pad_same
+
+        from lightning_sparta.sparse.grad_samplers import weight_standardisation
     except ImportError:  # pragma: no cover
         return
 
@@ -840,29 +845,27 @@ def _register_sparse_and_timm() -> None:
             x = pad_same(x, module.kernel_size, module.stride, module.dilation)
         padding, groups = _conv_padding(module), module.groups
         g = _wide(grad_output)
-        weight = module.weight.detach()
-        flat = _wide(weight).reshape(module.out_channels, -1)
-        n = flat.shape[1]
-        inv_std = torch.rsqrt(flat.var(1, unbiased=False) + module.eps)  # [out]
-        x_hat = (flat - flat.mean(1, keepdim=True)) * inv_std[:, None]
-        gain = getattr(module, "gain", None)
-        a = (_wide(gain.detach()) * module.scale).reshape(-1) if gain is not None else torch.ones_like(inv_std)
-        w = a * inv_std
-        # per sample and filter: Σ_t g_t (x̂_o · patch_t) and Σ_t g_t Σ(patch_t), one conv of the input each
-        xs = _wide(x)
-        ones = torch.ones((groups, *weight.shape[1:]), dtype=xs.dtype, device=xs.device)
-        along = F.conv2d(xs, x_hat.view_as(weight), None, module.stride, padding, module.dilation, groups)
-        sums = F.conv2d(xs, ones, None, module.stride, padding, module.dilation, groups)  # [B, groups, H', W']
-        sums = sums.repeat_interleave(module.out_channels // groups, dim=1)
-        c = (g * along).sum((2, 3)) / n  # [B, out]: mean(G_o ⊙ x̂_o)
-        mean = (g * sums).sum((2, 3)) / n  # [B, out]: mean(G_o)
         terms: list[_Term] = []
         if _trainable(module.bias):
             terms.append(DenseTerm(module.bias, g.sum((2, 3))))
+        gain = getattr(module, "gain", None)
+        if not (_trainable(module.weight) or _trainable(gain)):
+            return terms
+        xs = _wide(x)
+        x_hat, inv_std, a = weight_standardisation(module, xs.dtype)
+        n, shape = x_hat.shape[1], module.weight.shape
+        # per sample and filter: Σ_t g_t (x̂_o · patch_t) and Σ_t g_t Σ(patch_t), one conv of the input each
+        along = F.conv2d(xs, x_hat.view(shape), None, module.stride, padding, module.dilation, groups)
+        c = (g * along).sum((2, 3)) / n  # [B, out]: mean(G_o ⊙ x̂_o)
         if _trainable(gain):
             assert gain is not None
             terms.append(DenseTerm(gain, (c * (n * module.scale)).view(len(g), *gain.shape)))
         if _trainable(module.weight):
+            ones = torch.ones((groups, *shape[1:]), dtype=xs.dtype, device=xs.device)
+            sums = F.conv2d(xs, ones, None, module.stride, padding, module.dilation, groups)  # [B, groups, H', W']
+            sums = sums.repeat_interleave(module.out_channels // groups, dim=1)
+            mean = (g * sums).sum((2, 3)) / n  # [B, out]: mean(G_o)
+            w = a * inv_std
             base = _conv_terms(module, module.weight, None, x, g * w[None, :, None, None], padding, groups)
             terms.append(StandardisedTerm(base[0], x_hat, w, mean, c))  # type: ignore[arg-type]
         return terms

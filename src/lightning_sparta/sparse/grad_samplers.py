@@ -61,6 +61,7 @@ __all__ = [
     "compute_row_sparse_linear_grad_sample",
     "compute_std_conv2d_grad_sample",
     "compute_timm_layer_norm2d_grad_sample",
+    "weight_standardisation",
 ]
 
 Grads = dict[nn.Parameter, torch.Tensor]
@@ -272,6 +273,21 @@ def compute_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor]
     return grads
 
 
+def weight_standardisation(layer: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x̂, 1/s, a)`` of a timm weight-standardised conv, in ``dtype``.
+
+    ``x̂`` ``[out, fan-in]``: each filter minus its mean, over ``s`` ``[out]``, the square root of its
+    biased variance plus ``eps``; ``a`` ``[out]``: what the conv multiplies ``x̂`` by (``gain · scale``
+    for the scaled convs, 1 otherwise). The conv's weight is ``a_o x̂_o``.
+    """
+    flat = layer.weight.detach().reshape(layer.out_channels, -1).to(dtype)
+    inv_std = torch.rsqrt(flat.var(1, unbiased=False) + layer.eps)
+    x_hat = (flat - flat.mean(1, keepdim=True)) * inv_std[:, None]
+    gain = getattr(layer, "gain", None)
+    a = (gain.detach().to(dtype) * layer.scale).reshape(-1) if gain is not None else torch.ones_like(inv_std)
+    return x_hat, inv_std, a
+
+
 @register_grad_sampler([StdConv2d, ScaledStdConv2d, StdConv2dSame, ScaledStdConv2dSame])
 def compute_std_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> Grads:
     """Per-sample gradients of timm's weight-standardised convs (``weight``, ``bias`` and ``gain``).
@@ -301,16 +317,13 @@ def compute_std_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Ten
         return grads
     n = len(x)
     standardised = _dense_conv_weight_grads(_Unpadded(layer), x, backprops)  # type: ignore[arg-type]  # [B, out, fan-in]
-    w = layer.weight.detach().reshape(layer.out_channels, -1).to(standardised.dtype)
-    inv_std = torch.rsqrt(w.var(1, unbiased=False, keepdim=True) + layer.eps)  # [out, 1]
-    x_hat = (w - w.mean(1, keepdim=True)) * inv_std
+    x_hat, inv_std, a = weight_standardisation(layer, standardised.dtype)
     along = (standardised * x_hat).mean(-1, keepdim=True)  # [B, out, 1]: mean of G_o ⊙ x̂_o
     if train_gain:
-        grads[gain] = (along * (w.shape[1] * layer.scale)).view(n, *gain.shape)
+        grads[gain] = (along * (x_hat.shape[1] * layer.scale)).view(n, *gain.shape)
     if layer.weight.requires_grad:
-        a = (gain.detach() * layer.scale).reshape(-1, 1).to(standardised.dtype) if gain is not None else 1.0
-        dy = standardised * a
-        weight = (dy - dy.mean(-1, keepdim=True) - x_hat * (along * a)) * inv_std
+        dy = standardised * a[:, None]
+        weight = (dy - dy.mean(-1, keepdim=True) - x_hat * (along * a[:, None])) * inv_std[:, None]
         grads[layer.weight] = weight.view(n, *layer.weight.shape)
     return grads
 
