@@ -3,7 +3,8 @@
 Each test reproduces one way a guarantee silently disappeared: noise or batches replayed by a second
 ``fit``, raw gradients reaching the optimizer, per-token clipping, several training loaders, DDP
 ranks that start from different weights, noise recomputable from a checkpoint, clipping in bf16,
-samplers replaced without a word, and MixUp/CutMix mixing the samples of a batch.
+samplers replaced without a word, MixUp/CutMix mixing the samples of a batch, and Lightning callbacks
+that train outside the accountant.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+)
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
@@ -485,3 +492,70 @@ def test_a_crashed_step_leaves_nothing_for_the_next_fit(clipping, where, physica
     for name, p in module.named_parameters():
         expected = params[name] - torch.einsum("i,i...->...", factors, per_sample[name]) / len(x)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- 13
+class _WithBatchNorm(TinyModule):
+    def __init__(self):
+        super().__init__(batch_size=12)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class _AccumulateFromEpoch1(L.Callback):
+    """What a hand-written callback (or Lightning's SWA in its BatchNorm epoch) does: accumulate mid-run."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.accumulate_grad_batches = 2
+
+
+def test_learning_rate_finder_is_refused_before_it_trains(tmp_path):
+    """Lightning's learning-rate finder picks the rate from the loss curve of private batches, which is not
+    noised, then restores the checkpoint taken before its steps: the strategy's accountant with it, so the
+    steps it took were no longer counted (on main it crashed on the restored state instead)."""
+    from lightning.pytorch.tuner import Tuner
+
+    module = TinyModule(batch_size=12)
+    before = _flat(module)
+    trainer = _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=2, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"LearningRateFinder.*not noised"):
+        Tuner(trainer).lr_find(module, num_training=5)
+    assert torch.equal(_flat(module), before)
+    trainer = _trainer(DPStrategy(noise_multiplier=1.0), callbacks=[LearningRateFinder()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="LearningRateFinder"):
+        trainer.fit(TinyModule())
+
+
+def test_batch_size_finder_is_refused_with_what_to_use_instead():
+    trainer = _trainer(DPStrategy(noise_multiplier=1.0), callbacks=[BatchSizeFinder()])
+    with pytest.raises(ValueError, match=r"BatchSizeFinder.*physical_batch_size"):
+        trainer.fit(TinyModule())
+
+
+def test_gradient_accumulation_cannot_start_mid_run():
+    """Accumulation set after fit start (a GradientAccumulationScheduler, or any callback) silently dropped
+    the clipped sums of every batch but the last of each accumulation window; it is refused like
+    `Trainer(accumulate_grad_batches=...)`."""
+    scheduler = _trainer(DPStrategy(noise_multiplier=1.0), callbacks=[GradientAccumulationScheduler({1: 2})])
+    with pytest.raises(ValueError, match=r"GradientAccumulationScheduler.*physical_batch_size"):
+        scheduler.fit(TinyModule(batch_size=12))
+    strategy = DPStrategy(noise_multiplier=1.0)
+    trainer = _trainer(strategy, max_epochs=2, callbacks=[_AccumulateFromEpoch1()])
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*physical_batch_size"):
+        trainer.fit(TinyModule(batch_size=12))
+    assert strategy.steps == 2  # the first epoch's two steps; none in the second
+
+
+def test_stochastic_weight_averaging_is_refused_with_batchnorm_and_trains_without():
+    """With BatchNorm, Lightning's SWA resets the running statistics and recomputes them in an extra epoch
+    over the training data: statistics of private data without noise, or, with DPStrategy's frozen
+    BatchNorm, statistics left at 0 and 1 (a silently broken model), and an extra epoch of unplanned steps.
+    Without BatchNorm the average of private iterates is post-processing and trains as usual."""
+    swa = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
+    with pytest.raises(ValueError, match=r"StochasticWeightAveraging.*BatchNorm.*net\.1"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3, callbacks=[swa]).fit(_WithBatchNorm())
+    strategy = DPStrategy(noise_multiplier=1.0)
+    module = TinyModule(batch_size=12)
+    swa = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
+    _trainer(strategy, max_epochs=3, callbacks=[swa]).fit(module)
+    assert strategy.steps == 3 * strategy.steps_per_epoch

@@ -57,6 +57,8 @@ from lightning_sparta.privacy.accountant import (
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
 from lightning_sparta.privacy.clipping import ClippingMode, create_clipping_engine
 from lightning_sparta.privacy.guards import (
+    check_callbacks,
+    check_no_accumulation,
     check_no_batch_mixing,
     check_one_training_loader,
     check_trainer,
@@ -334,6 +336,14 @@ class DPStrategy(DDPStrategy):
         super()._configure_launcher()
 
     @override
+    def setup_environment(self) -> None:
+        module = self._lightning_module
+        if module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            # before the callbacks' own `setup`, where some (BatchSizeFinder) refuse with another reason
+            check_callbacks(module.trainer.callbacks, module)
+        super().setup_environment()
+
+    @override
     def setup_distributed(self) -> None:
         if self.num_nodes * self.num_processes == 1:
             self.set_world_ranks()  # one process: no process group needed
@@ -583,6 +593,7 @@ class DPStrategy(DDPStrategy):
             self._in_training_step = False
 
     def _dp_training_step(self, *args: Any, **kwargs: Any) -> Any:
+        check_no_accumulation(self.lightning_module.trainer)  # a callback may have set it after fit start
         self._refresh_hooks()
         # A step that died between its backward pass and its release (an exception, an interrupt) left
         # its per-sample gradients and clipped sums behind: they belong to samples this step did not

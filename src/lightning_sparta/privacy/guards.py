@@ -23,7 +23,7 @@ SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
 
 
 def check_trainer(trainer: pl.Trainer, module: pl.LightningModule, plugin: object) -> None:
-    """Refuse manual optimization, gradient accumulation and loss-scaled precisions.
+    """Refuse manual optimization, gradient accumulation, loss-scaled precisions and batch mixing.
 
     Raises:
         ValueError: naming the Trainer or module setting.
@@ -33,14 +33,86 @@ def check_trainer(trainer: pl.Trainer, module: pl.LightningModule, plugin: objec
             "DPStrategy needs automatic optimization (`automatic_optimization=True`): with manual "
             "optimization the strategy cannot clip per-sample gradients before your optimizer steps."
         )
+    check_no_accumulation(trainer)
+    check_precision(str(trainer.precision), plugin)
+    check_no_batch_mixing(module)
+
+
+def check_no_accumulation(trainer: pl.Trainer) -> None:
+    """Refuse Lightning's gradient accumulation, at fit start and at every step (callbacks may set it).
+
+    Raises:
+        ValueError: naming ``accumulate_grad_batches`` and ``physical_batch_size``.
+    """
     if trainer.accumulate_grad_batches != 1:
         raise ValueError(
             f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` is not supported by DPStrategy: "
             "Lightning divides the loss before backward, which rescales per-sample gradients before "
-            "clipping. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
+            "clipping, and each DP step releases one Poisson batch, so the batches before the last of a "
+            "window would be dropped. Use `DPStrategy(physical_batch_size=...)` to split large logical batches."
         )
-    check_precision(str(trainer.precision), plugin)
-    check_no_batch_mixing(module)
+
+
+def _has_batchnorm(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None:
+    """Refuse Lightning callbacks that train on private data outside what DPStrategy accounts.
+
+    - ``LearningRateFinder`` (``Tuner.lr_find``) picks the rate from the training loss of private batches,
+      which is not noised, and then restores the checkpoint taken before its steps, accountant included.
+    - ``BatchSizeFinder`` (``Tuner.scale_batch_size``) trains on private data to find the largest batch that
+      fits, then restores the same way; with DP-SGD the batch size sets the sampling rate, hence ε.
+    - ``GradientAccumulationScheduler`` sets ``accumulate_grad_batches`` during the run.
+    - ``StochasticWeightAveraging`` on a model with BatchNorm recomputes the running statistics in an
+      extra epoch over the training data.
+
+    Raises:
+        ValueError: naming the callback and what to do instead.
+    """
+    from lightning.pytorch.callbacks import (
+        BatchSizeFinder,
+        GradientAccumulationScheduler,
+        LearningRateFinder,
+        StochasticWeightAveraging,
+    )
+
+    for callback in callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, LearningRateFinder):
+            raise ValueError(
+                f"DPStrategy: {name} (`Tuner.lr_find`) is not supported. It chooses the learning rate from "
+                "the training losses of private batches, which are not noised, so the choice itself is not "
+                "private; and it restores the checkpoint taken before its steps, which would erase them "
+                "from the privacy accounting. Choose the learning rate on public data (a non-private Trainer "
+                "on a public dataset) or account for the search as part of the private run."
+            )
+        if isinstance(callback, BatchSizeFinder):
+            raise ValueError(
+                f"DPStrategy: {name} (`Tuner.scale_batch_size`) is not supported. It trains on private data "
+                "and then restores the weights and the accountant from before those steps, and with DP-SGD "
+                "the batch size is not a memory setting: it sets the sampling rate, hence ε. Keep the "
+                "DataLoader's batch size (the expected logical batch) and bound memory with "
+                "`DPStrategy(physical_batch_size=...)`."
+            )
+        if isinstance(callback, GradientAccumulationScheduler):
+            raise ValueError(
+                f"DPStrategy: {name} is not supported: it sets `accumulate_grad_batches` during the run, "
+                "which would rescale per-sample gradients before clipping and drop the clipped sums of all "
+                "but the last batch of each window. Use `DPStrategy(physical_batch_size=...)` to split "
+                "large logical batches."
+            )
+        batchnorm = _has_batchnorm(module) if isinstance(callback, StochasticWeightAveraging) else []
+        if batchnorm:
+            raise ValueError(
+                f"DPStrategy: {name} is not supported on a model with BatchNorm ({shorten(batchnorm)}): "
+                "it resets the running statistics and recomputes them in an extra epoch over the training "
+                "data, which would release statistics of private data without noise (DPStrategy keeps "
+                "BatchNorm frozen, so they would stay reset instead, silently breaking the model), and that "
+                "epoch's steps are not in the plan ε was set for. Average the weights yourself "
+                "(`torch.optim.swa_utils.AveragedModel`) and recompute the statistics on public data."
+            )
 
 
 def _batch_mixing_types() -> tuple[type, ...]:
@@ -223,6 +295,8 @@ def refuse_unclipped_gradients(optimizer: Optimizer, hooked: Iterable[nn.Paramet
 
 __all__ = [
     "SUPPORTED_PRECISION",
+    "check_callbacks",
+    "check_no_accumulation",
     "check_no_batch_mixing",
     "check_one_training_loader",
     "check_precision",
