@@ -559,3 +559,63 @@ def test_stochastic_weight_averaging_is_refused_with_batchnorm_and_trains_withou
     swa = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
     _trainer(strategy, max_epochs=3, callbacks=[swa]).fit(module)
     assert strategy.steps == 3 * strategy.steps_per_epoch
+
+
+# --------------------------------------------------------------------------------------------- 14
+class _Updates(L.Callback):
+    """Each step's parameter update and the inputs of its batch."""
+
+    def __init__(self):
+        self.updates, self.batches, self._before = [], [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = _flat(pl_module)
+        self.batches.append(batch[0].detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.updates.append(_flat(pl_module) - self._before)
+
+
+@pytest.mark.parametrize("secure_mode", [False, True], ids=["reproducible", "secure"])
+def test_resuming_an_earlier_checkpoint_of_the_same_run_draws_fresh_noise_and_counts_every_step(tmp_path, secure_mode):
+    """`trainer.fit(model, ckpt_path=<an earlier checkpoint>)` on the strategy that wrote it rewound the
+    accountant to the checkpoint's history, and with it the step counter that keys the noise and the epoch
+    that keys the batches: the steps after the checkpoint were replayed with the noise vectors and batches
+    they had already used, while their first versions stayed released (later checkpoints on disk). With
+    any randomness in the gradients (dropout, augmentation) the difference of the two releases of one step
+    is noise-free. The loss is zero here, so each update is its noise alone."""
+    from lightning_sparta.privacy.accountant import epsilon_for
+
+    module = TinyModule(zero_loss=True, batch_size=12, width=50)
+    strategy = DPStrategy(noise_multiplier=1.0, seed=None if secure_mode else 5, secure_mode=secure_mode)
+    record = _Updates()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer = _trainer(strategy, max_epochs=3, callbacks=[record, checkpoints], enable_checkpointing=True)
+    trainer.fit(module)
+    first = len(record.updates)
+    assert strategy.steps == first == 3 * strategy.steps_per_epoch
+    with pytest.warns(UserWarning, match=r"earlier checkpoint.*steps after it"):
+        trainer.fit(module, ckpt_path=tmp_path / "epoch=0.ckpt")
+    replayed = len(record.updates) - first
+    assert replayed == 2 * strategy.steps_per_epoch
+    assert strategy.steps == first + replayed  # the discarded steps were released: still counted
+    assert strategy.epsilon() == pytest.approx(epsilon_for([(1.0, strategy.sample_rate, first + replayed)], 1e-5))
+    for again in record.updates[first:]:
+        assert not any(torch.allclose(again, earlier) for earlier in record.updates[:first])
+    for again in record.batches[first:]:
+        assert not any(
+            again.shape == b.shape and torch.equal(again, b) for b in record.batches[strategy.steps_per_epoch : first]
+        )
+
+
+def test_a_strategy_that_has_taken_steps_refuses_another_runs_checkpoint(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="other")
+    _trainer(DPStrategy(noise_multiplier=2.0, seed=1), callbacks=[checkpoint], enable_checkpointing=True).fit(
+        TinyModule(batch_size=12)
+    )
+    strategy = DPStrategy(noise_multiplier=1.0, seed=2)
+    trainer = _trainer(strategy, max_epochs=1)
+    trainer.fit(TinyModule(batch_size=12))
+    trainer.fit_loop.max_epochs = 3
+    with pytest.raises(ValueError, match=r"another run.*privacy_state"):
+        trainer.fit(TinyModule(batch_size=12), ckpt_path=tmp_path / "other.ckpt")

@@ -48,6 +48,7 @@ from lightning_sparta.privacy.accountant import (
     calibrate_noise_multiplier,
     create_accountant,
     epsilon_for,
+    is_prefix,
     read_privacy_state,
     validate_delta,
     validate_epsilon_tolerance,
@@ -64,7 +65,7 @@ from lightning_sparta.privacy.guards import (
     check_trainer,
     refuse_unclipped_gradients,
 )
-from lightning_sparta.privacy.noise import secure_normal, step_noise
+from lightning_sparta.privacy.noise import rewound_seed, secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
 from lightning_sparta.privacy.sampler import (
     DPDataLoader,
@@ -875,8 +876,44 @@ class DPStrategy(DDPStrategy):
                     f"The checkpoint was accounted with accountant={state['accountant']!r}, this strategy "
                     f"uses {self.accountant_name!r}: resume with the same accountant."
                 )
-            self._pending_state = state
+            self._pending_state = self._rewound(state) if self.steps else state
         return checkpoint
+
+    def _rewound(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state to resume when this strategy, which has already taken steps, loads a checkpoint.
+
+        ``trainer.fit(model, ckpt_path=...)`` with an earlier checkpoint of this strategy's own run rewinds
+        the weights, but the steps taken after that checkpoint were released (later checkpoints, logs)
+        and stay in the accountant's history. Their noise and batches were keyed by the step and the
+        epoch the rewind brings back, so the run continues on a new stream instead of replaying them.
+
+        Raises:
+            ValueError: if the checkpoint's history is not an earlier point of this strategy's own.
+        """
+        own = [tuple(h) for h in self.accountant.history]
+        theirs = [tuple(h) for h in state["history"]]
+        if not is_prefix(theirs, own):
+            raise ValueError(
+                f"This DPStrategy has already taken {self.steps} steps, and the checkpoint comes from another "
+                f"run (its accountant history {theirs} is not an earlier point of this one's, {own}). Resume "
+                "it with a new DPStrategy, and pass `privacy_state=` this strategy's `privacy_state()` to "
+                "account for both runs."
+            )
+        discarded = self.steps - sum(int(n) for *_, n in theirs)
+        if discarded == 0:
+            return dict(state, history=own)
+        self._seed = secrets.randbits(62) if self.secure_mode else rewound_seed(self._seed or 0, self.steps)
+        rank_zero_user_warn(
+            f"DPStrategy: resuming from an earlier checkpoint of this run, {discarded} steps back. The {discarded} "
+            f"steps after it were released (their checkpoints and logs), so ε keeps counting all {self.steps}, "
+            "and the noise and batches continue on a new stream instead of replaying theirs."
+        )
+        return dict(
+            state,
+            history=own,
+            seed=None if self.secure_mode else self._seed,
+            non_private_reason=self._non_private_reason or state.get("non_private_reason"),
+        )
 
     @override
     def teardown(self) -> None:

@@ -234,6 +234,29 @@ def warn_if_delta_too_large(delta: float, num_samples: int) -> None:
 ACCOUNTANT_NAMES: tuple[str, ...] = get_args(AccountantName)
 
 
+def is_prefix(earlier: list[tuple[float, float, int]], history: list[tuple[float, float, int]]) -> bool:
+    """Whether the ``(σ, q, steps)`` history ``earlier`` is where ``history`` stood some steps ago.
+
+    Both are run-length encoded as Opacus keeps them (consecutive steps with the same ``(σ, q)`` in one
+    entry), so every entry of ``earlier`` but its last must equal ``history``'s, and its last may hold
+    fewer steps.
+
+    Example:
+        >>> is_prefix([(1.0, 0.1, 3)], [(1.0, 0.1, 5), (2.0, 0.1, 1)]), is_prefix([(2.0, 0.1, 3)], [(1.0, 0.1, 5)])
+        (True, False)
+    """
+    earlier = [tuple(h) for h in earlier if int(h[2]) > 0]
+    if len(earlier) > len(history):
+        return False
+    for k, (sigma, q, steps) in enumerate(earlier):
+        sigma_k, q_k, steps_k = history[k]
+        if (float(sigma), float(q)) != (float(sigma_k), float(q_k)):
+            return False
+        if int(steps) != int(steps_k) and (k < len(earlier) - 1 or int(steps) > int(steps_k)):
+            return False
+    return True
+
+
 def read_privacy_state(
     state: object, accountant: str, checkpoint_key: str
 ) -> tuple[list[tuple[float, float, int]], str | None]:

@@ -6,7 +6,8 @@ Two sources, chosen by ``DPStrategy(secure_mode=...)``:
   seeded with a hash of ``(seed, t)``. Because ``t`` counts every step of one strategy's accounted
   history, a second ``fit`` or a resumed run continues the stream and never replays a vector the
   accountant has already composed; a run resumed from a checkpoint draws exactly the noise the
-  uninterrupted run drew. Whoever knows the seed can recompute every vector.
+  uninterrupted run drew. A strategy sent back to an earlier checkpoint of its own run continues on a
+  new stream (:func:`rewound_seed`). Whoever knows the seed can recompute every vector.
 * :func:`secure_normal` (secure mode): standard normal draws built from ``os.urandom`` (the kernel's
   cryptographically secure generator) by the Box-Muller transform in float64. Nothing is kept from
   which the noise could be recomputed.
@@ -27,6 +28,16 @@ def _stream_seed(seed: int, step: int) -> int:
     """A 63-bit seed for step ``step`` of the stream ``seed`` (SeedSequence mixing, no overlap of streams)."""
     state = np.random.SeedSequence([int(seed), 0x6E6F6973, int(step)]).generate_state(1, dtype=np.uint64)[0]
     return int(state) >> 1
+
+
+def rewound_seed(seed: int, steps: int) -> int:
+    """A new stream for a run rewound to an earlier checkpoint after ``steps`` accounted steps.
+
+    Its noise and batches share nothing with the stream ``seed`` (whose later steps were released
+    already), and the same script rewound at the same point draws the same new stream.
+    """
+    state = np.random.SeedSequence([int(seed), 0x72657769, int(steps)]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 2
 
 
 def step_noise(numel: int, seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
