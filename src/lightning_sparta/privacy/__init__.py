@@ -6,7 +6,12 @@ from lightning_sparta.privacy.accountant import (
     create_accountant,
     epsilon_for,
 )
-from lightning_sparta.privacy.per_sample import PerSampleGradients, register_broadcast_parameters
+from lightning_sparta.privacy.per_sample import (
+    PerSampleGradients,
+    register_broadcast_parameters,
+    register_functional_children,
+    register_layer_scale,
+)
 from lightning_sparta.privacy.sampler import DPDataLoader, PoissonBatchSampler
 from lightning_sparta.privacy.validation import IncompatibleModelError, validate_model
 
@@ -20,5 +25,7 @@ __all__ = [
     "create_accountant",
     "epsilon_for",
     "register_broadcast_parameters",
+    "register_functional_children",
+    "register_layer_scale",
     "validate_model",
 ]

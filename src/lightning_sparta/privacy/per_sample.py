@@ -40,7 +40,9 @@ Five paths exist, and :meth:`PerSampleGradients.paths` reports which one every m
     any other module that owns trainable parameters: their per-sample gradients come from a
     ``torch.func`` replay of the module's forward per sample (:mod:`lightning_sparta.privacy.replay`),
     slow but exact. Its submodules keep their own paths, its buffers are read as constants; a forward
-    that changes a buffer (statistics of the batch) is refused.
+    that changes a buffer (statistics of the batch) is refused. Children whose weights the forward
+    passes to a function instead of calling them (``nn.MultiheadAttention.out_proj``) are declared with
+    :func:`register_functional_children` and replayed with their parent.
 ``"unsupported"``
     parameters owned directly by a LightningModule: they are typically used in ``training_step``,
     outside any forward pass, so no hook can see them. They get no per-sample gradient; the
@@ -101,6 +103,18 @@ def register_sampler_output(module_type: type[nn.Module], children: Iterable[str
 
 
 _LAYER_SCALES: dict[type[nn.Module], tuple[dict[str, tuple[str, str]], Callable[[nn.Module], tuple[int, int]]]] = {}
+_FUNCTIONAL_CHILDREN: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def register_functional_children(module_type: type[nn.Module], children: Iterable[str]) -> None:
+    """Declare children of ``module_type`` whose parameters its forward uses without calling them.
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` instead of
+    calling ``out_proj``, so no hook of ``out_proj`` ever runs. The parameters of the declared children
+    are then replayed with the module's own (path ``"functorch"``), and the children get no path of
+    their own.
+    """
+    _FUNCTIONAL_CHILDREN[module_type] = tuple(children)
 
 
 def register_layer_scale(
@@ -164,6 +178,28 @@ def _register_timm_vit() -> None:
 
 
 _register_timm_vit()
+
+
+def _register_torch_and_torchvision() -> None:
+    register_functional_children(nn.MultiheadAttention, ("out_proj",))
+    try:
+        from torchvision.models.convnext import CNBlock
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+        from torchvision.models.vision_transformer import Encoder, VisionTransformer
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return
+    # Swin's attention folds its windows into the batch inside `shifted_window_attention`, which takes the
+    # weights of `qkv` and `proj` (and V2's `cpb_mlp` output) as arguments: replayed as one per-sample
+    # function of the [B, H, W, C] input, the folding stays inside each sample
+    register_functional_children(ShiftedWindowAttention, ("qkv", "proj"))
+    register_functional_children(ShiftedWindowAttentionV2, ("qkv", "proj", "cpb_mlp"))
+    register_broadcast_parameters(VisionTransformer, ("class_token",))
+    register_broadcast_parameters(Encoder, ("pos_embedding",))
+    # `layer_scale * block(x)`, both channels-first, then stochastic depth
+    register_layer_scale(CNBlock, {"layer_scale": ("block", "stochastic_depth")}, lambda _m: (1, 1))
+
+
+_register_torch_and_torchvision()
 
 
 def grad_sampler_for(module: nn.Module) -> Any | None:
@@ -249,8 +285,22 @@ class PerSampleGradients:
         for module in model.modules():
             for _, p in _trainable(module):
                 owners[id(p)] += 1
+        absorbed: set[nn.Module] = set()  # children whose parameters their parent uses functionally
         for name, module in model.named_modules():
+            if module in absorbed:
+                continue
             own = _trainable(module)
+            for child_name in _FUNCTIONAL_CHILDREN.get(type(module), ()):
+                child = getattr(module, child_name, None)
+                if isinstance(child, nn.Module):
+                    absorbed.update(child.modules())
+                    own += [(f"{child_name}.{n}", p) for n, p in _trainable(child, recurse=True)]
+            if own and isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+                raise ValueError(
+                    f"`{name or '<root>'}` (MultiheadAttention) has `batch_first=False`: its inputs, and those of the "
+                    "layers around it, are [tokens, batch, features], so per-sample gradients (taken along the "
+                    "first dimension) would be per token. Build it with `batch_first=True`, or freeze its parameters."
+                )
             if not own:
                 continue
             broadcast = [n for n in _BROADCAST_PARAMETERS.get(type(module), ()) if n in dict(own)]
@@ -749,6 +799,8 @@ __all__ = [
     "PerSampleGradients",
     "grad_sampler_for",
     "register_broadcast_parameters",
+    "register_functional_children",
+    "register_layer_scale",
     "register_path_note",
     "register_sampler_output",
     "sum_of_losses",

@@ -75,10 +75,10 @@ class OwnParameterReplay:
     def __call__(
         self, module: nn.Module, inputs: list[Any], kwargs: dict[str, Any], backprops: torch.Tensor
     ) -> dict[nn.Parameter, torch.Tensor]:
-        own = {
+        own = {  # `names` may name a child's parameters ("out_proj.weight") that the forward uses functionally
             name: p
-            for name, p in module.named_parameters(recurse=False)
-            if p.requires_grad and (self.names is None or name in self.names)
+            for name, p in module.named_parameters()
+            if p.requires_grad and (name in self.names if self.names is not None else "." not in name)
         }
         if not own:
             return {}

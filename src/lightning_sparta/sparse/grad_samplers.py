@@ -12,8 +12,8 @@ for the row-sparse layers it would miss the O(k) structure). Importing this modu
   sampler recognises only the exact ``nn.Conv2d`` type and would otherwise fall back to functorch.
 * ``nn.Conv2d`` itself, replacing Opacus' sampler: a grouped or depthwise conv costs ``1/groups`` of
   Opacus' block-diagonal form, and ``padding_mode``/string padding are applied as the layer applies them.
-* ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d``: subclasses or
-  custom modules that Opacus' exact-type lookup misses.
+* ``timm.layers.LayerNorm``, ``LayerNorm2d``, ``LayerScale``, ``LayerScale2d`` and torchvision's
+  ConvNeXt ``LayerNorm2d``: subclasses or custom modules that Opacus' exact-type lookup misses.
 * timm's weight-standardised convs ``StdConv2d``, ``ScaledStdConv2d`` and their ``*Same`` variants
   (BiT ResNet-v2, NF-Nets): the per-sample gradient of the standardised filter, taken back through
   the standardisation in closed form.
@@ -41,6 +41,7 @@ from timm.layers import (
 )
 from timm.layers.padding import pad_same
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
 
 from lightning_sparta.sparse.layers import (
     MaskedConv2d,
@@ -332,11 +333,11 @@ def compute_std_conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Ten
 register_grad_sampler(LayerNorm)(compute_layer_norm_grad_sample)
 
 
-@register_grad_sampler(LayerNorm2d)
+@register_grad_sampler([LayerNorm2d, TorchvisionLayerNorm2d])
 def compute_timm_layer_norm2d_grad_sample(
     layer: LayerNorm2d, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> Grads:
-    """Per-sample gradients ``[B, C]`` of a channel LayerNorm on NCHW input.
+    """Per-sample gradients ``[B, C]`` of a channel LayerNorm on NCHW input (timm's and torchvision's).
 
     Args:
         layer: The layer.

@@ -1,0 +1,175 @@
+"""torchvision's ImageNet architectures under DPStrategy: which train, on which paths, and exactly.
+
+torchvision builds some layers differently from timm: ``nn.MultiheadAttention`` (ViT) and Swin's
+``shifted_window_attention`` take their projections' weights as arguments instead of calling them,
+ConvNeXt's ``CNBlock`` owns its layer scale and applies stochastic depth after it, ViT keeps its class
+token on the root module and its position embedding on the encoder. References are per-sample
+gradients from ``torch.func`` on the same model in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import (
+    PatchMergingV2,
+    SwinTransformer,
+    SwinTransformerBlockV2,
+)
+from torchvision.models.vision_transformer import VisionTransformer
+
+from lightning_sparta import DPStrategy
+from test_real_models import TOL, Classifier, _per_sample_reference, _randomise_batchnorm
+from test_strategy import _trainer
+
+CLASSES = 5
+
+
+def _vit() -> nn.Module:
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=CLASSES
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.3)  # zero-initialised: every other gradient would be 0
+    return model
+
+
+def _swin(v2: bool = False, stochastic_depth: float = 0.0) -> nn.Module:
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[1, 2],
+        window_size=[4, 4],
+        stochastic_depth_prob=stochastic_depth,
+        num_classes=CLASSES,
+        **extra,
+    )
+
+
+def _convnext(stochastic_depth: float = 0.0) -> nn.Module:
+    setting = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    return ConvNeXt(setting, stochastic_depth_prob=stochastic_depth, layer_scale=0.5, num_classes=CLASSES)
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    builders = {"vit": _vit, "swin": _swin, "swin_v2": lambda: _swin(v2=True), "convnext": _convnext}
+    if name in builders:
+        return builders[name]()
+    model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
+    _randomise_batchnorm(model)
+    return model
+
+
+def _data(n: int, side: int = 32, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, side, side, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+
+
+class _Paths(L.Callback):
+    def __init__(self):
+        self.paths: dict[str, str] = {}
+
+    def on_train_batch_end(self, trainer, *args):
+        self.paths = {p.module: p.path for p in trainer.strategy.engine.paths()}
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2", "convnext"])
+def test_one_step_equals_clipped_sum(name):
+    """σ = 0, q = 1, SGD lr = 1: the update is Σ_i clip(g_i)/n with g_i from torch.func, for every parameter
+    (ViT's in/out projections, Swin's window attention and relative-position tables, ConvNeXt's layer scale)."""
+    model, data = _model(name), _data(4)
+    x, y = data.tensors
+    per_sample = _per_sample_reference(model, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())  # some samples clipped, some not
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {k: torch.einsum("i,i...->...", factors, g) / 4 for k, g in per_sample.items()}
+
+    module = Classifier(model, data, batch_size=4)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
+    _trainer(strategy, max_steps=1).fit(module)
+    for key, param in module.named_parameters():
+        torch.testing.assert_close(before[key] - param.detach(), expected[key.removeprefix("model.")], **TOL, msg=key)
+
+
+# one private step each at 32 px, with the set of paths the model's layers take
+ZOO = {
+    "resnet18": {"ghost", "grad_sampler"},
+    "wide_resnet50_2": {"ghost", "grad_sampler"},
+    "resnext50_32x4d": {"ghost", "grad_sampler"},
+    "efficientnet_b0": {"ghost", "grad_sampler"},
+    "mobilenet_v3_small": {"ghost", "grad_sampler"},
+    "regnet_y_400mf": {"ghost", "grad_sampler"},
+    "densenet121": {"ghost", "grad_sampler"},
+    "shufflenet_v2_x0_5": {"ghost", "grad_sampler"},
+    "squeezenet1_0": {"ghost"},
+    "convnext_sd": {"ghost", "grad_sampler"},  # layer scale from two taps, with stochastic depth
+    "vit": {"broadcast", "functorch", "ghost", "grad_sampler"},  # functorch: nn.MultiheadAttention
+    "swin_sd": {"functorch", "ghost", "grad_sampler"},  # functorch: the window attention
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_trains(name):
+    if name.endswith("_sd"):  # the usual fine-tuning recipe: stochastic depth on
+        torch.manual_seed(0)
+        model = _convnext(0.1) if name == "convnext_sd" else _swin(stochastic_depth=0.1)
+    else:
+        model = _model(name)
+    paths = _Paths()
+    strategy = DPStrategy(noise_multiplier=1.0, seed=0)
+    _trainer(strategy, max_steps=1, callbacks=[paths]).fit(Classifier(model, _data(4), batch_size=4, lr=0.01))
+    assert strategy.steps == 1
+    assert set(paths.paths.values()) == ZOO[name]
+
+
+def test_multihead_attention_paths():
+    """The out projection is replayed with the attention that uses it; the class token and position
+    embedding are broadcast instead of replaying the whole model for them."""
+    paths = _Paths()
+    module = Classifier(_model("vit"), _data(4), batch_size=4, lr=0.01)
+    _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1, callbacks=[paths]).fit(module)
+    attention = "model.encoder.layers.encoder_layer_0.self_attention"
+    assert paths.paths[attention] == "functorch"
+    assert f"{attention}.out_proj" not in paths.paths
+    assert paths.paths["model"] == paths.paths["model.encoder"] == "broadcast"
+
+
+class _SequenceFirst(L.LightningModule):
+    """A transformer layer in PyTorch's default [tokens, batch, features] layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2)  # batch_first=False
+        self.head = nn.Linear(8, CLASSES)
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(4, 4, 8, generator=g), torch.randint(0, CLASSES, (4,), generator=g))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        tokens = x.transpose(0, 1)  # [T, B, D] with T == B: a shape check alone could not tell
+        out, _ = self.attention(tokens, tokens, tokens)
+        return nn.functional.cross_entropy(self.head(out.mean(0)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=4)
+
+
+def test_sequence_first_multihead_attention_is_refused_naming_it():
+    module = _SequenceFirst()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"`attention` \(MultiheadAttention\).*batch_first=True"):
+        _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1).fit(module)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
