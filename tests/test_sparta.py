@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from contextlib import nullcontext
@@ -58,6 +59,18 @@ class Net(nn.Module):
 
 class HeadlessNet(Net):
     get_classifier = None  # type: ignore[assignment]
+
+
+class ConvOnlyNet(nn.Module):
+    """No `get_classifier()` and no Linear layer: a 1x1 conv classifies (SqueezeNet-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.conv(x))).mean((2, 3))
 
 
 def _data(n: int = N, seed: int = 0) -> TensorDataset:
@@ -627,7 +640,7 @@ def test_bad_arguments(kwargs, match):
             ValueError,
             "no layer to score.*layer_filter",
         ),
-        (SparseModule(HeadlessNet()), {}, ValueError, r"head="),
+        (SparseModule(ConvOnlyNet()), {}, ValueError, r"no Linear layer.*head="),
         (None, {"callback_kwargs": {"head": "net.nothing"}}, ValueError, "`head`"),
         (SparseModule(head_only_optimizer=True), {}, ValueError, "optimizer.*net.conv.bias"),
     ],
@@ -636,6 +649,15 @@ def test_bad_arguments(kwargs, match):
 def test_refused_configurations(tmp_path, module, kwargs, error, match):
     with pytest.raises(error, match=match):
         _fit(tmp_path, "sparta", module=module, **kwargs)
+
+
+def test_head_defaults_to_the_last_linear_layer_and_says_so(tmp_path, caplog):
+    """Without `get_classifier()` (torchvision's models) the head is the last Linear layer, named in the log."""
+    module = SparseModule(HeadlessNet())
+    with caplog.at_level(logging.INFO, logger="lightning_sparta"):
+        _, callback, _, _, _ = _fit(tmp_path, "sparta", module=module, max_epochs=2)
+    assert callback._head_ids == {id(module.net.head)}
+    assert "the classifier head is `net.head`, its last Linear layer" in caplog.text
 
 
 def test_explicit_head_and_layer_filter(tmp_path):

@@ -23,7 +23,8 @@ from torchvision.models.swin_transformer import (
 )
 from torchvision.models.vision_transformer import VisionTransformer
 
-from lightning_sparta import DPStrategy
+from lightning_sparta import DPStrategy, SpartaMaskCallback
+from lightning_sparta.sparse import sparse_modules
 from test_real_models import TOL, Classifier, _per_sample_reference, _randomise_batchnorm
 from test_strategy import _trainer
 
@@ -173,3 +174,36 @@ def test_sequence_first_multihead_attention_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"`attention` \(MultiheadAttention\).*batch_first=True"):
         _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1).fit(module)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+class _RowsAtSwap(L.Callback):
+    """The selected rows of every sparse layer right after the swap, to compare with the end of the run."""
+
+    def __init__(self):
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            self.rows = {n: m.weight_rows.detach().clone() for n, m in sparse_modules(pl_module).items()}
+
+
+@pytest.mark.parametrize(("name", "head", "functional"), [("vit", "heads.head", "out_proj"), ("swin", "head", "qkv")])
+def test_sparta_finds_the_head_and_leaves_layers_used_as_arguments_dense(name, head, functional):
+    """torchvision models have no `get_classifier()`: the head is their last Linear layer. A layer whose weight
+    the parent passes to a function cannot be row-sparse (the sparse layer's merged weight carries no gradient
+    to its rows: Swin's selected qkv/proj rows got pure noise before), so it stays dense, frozen, unscored;
+    every row that is swapped in trains. σ = 0 so that a row without gradient does not move at all."""
+    torch.manual_seed(0)
+    model = _model(name)
+    module = Classifier(model, _data(16), batch_size=4, lr=0.1)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0)
+    callback, rows = SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.3), _RowsAtSwap()
+    with pytest.warns(UserWarning, match=rf"not called by their parent.*{functional}"):
+        _trainer(strategy, max_epochs=3, callbacks=[callback, rows]).fit(module)
+    assert callback._head_ids == {id(m) for m in model.get_submodule(head).modules()}
+    sparse = sparse_modules(module)
+    assert sparse
+    assert not any(n.endswith(functional) for n in sparse)
+    for layer_name, layer in sparse.items():
+        assert not torch.equal(layer.weight_rows.detach(), rows.rows[layer_name]), layer_name

@@ -23,6 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten
+from lightning_sparta.privacy.per_sample import functional_children
 from lightning_sparta.privacy.validation import validate_model
 from lightning_sparta.sparse import MaskedConv2d, MaskedLinear, RowSparseConv2d, RowSparseLinear, sparsify_
 from lightning_sparta.sparse.layers import UnsupportedForwardError, check_dense
@@ -78,7 +79,9 @@ class SpartaMaskCallback(Callback):
       of normalisation layers (``nn.LayerNorm`` and subclasses such as timm's, ``nn.GroupNorm``,
       instance norms, ``nn.RMSNorm``) and every parameter of the head.
     * the **head**: ``head`` if given, else ``get_classifier()`` of the LightningModule or of its
-      first submodule that has that method (timm models, the demo's ``GroupNormCNN``).
+      first submodule that has that method (timm models, the demo's ``GroupNormCNN``), else the last
+      ``nn.Linear`` the LightningModule registers (torchvision's ``fc``, ``classifier[-1]``, ``heads.head``),
+      named in an info message.
     * everything else of known module types (a ViT's ``cls_token``/``pos_embed`` owned by the model
       that has ``get_classifier()``, embeddings, timm's ``LayerScale``, Linear/Conv layers that are not
       scored) stays frozen.
@@ -143,8 +146,8 @@ class SpartaMaskCallback(Callback):
         warmup: what trains before ``T0``: ``"bitfit"`` or ``"full"``.
         layer_filter: ``(module, name) -> bool``; only Linear/Conv2d layers for which it returns True
             are scored (the others, and their biases, stay frozen).
-        head: the classifier head (module or qualified name); found with ``get_classifier()`` when
-            ``None``.
+        head: the classifier head (module or qualified name); found with ``get_classifier()`` (else the
+            last Linear layer) when ``None``.
         allow_non_private: opt in to selectors whose mask is not differentially private (``oracle``).
             The run's ε is then reported as ``inf``.
         save_mask: save the mask to ``sparta_mask.pt``.
@@ -565,15 +568,37 @@ class SpartaMaskCallback(Callback):
                         "of the LightningModule: pass the classifier head with `head=`."
                     )
                 return head
+        # torchvision's classifiers (`fc`, `classifier[-1]`, `heads.head`, `head`) have no `get_classifier()`;
+        # each is the last Linear layer its model registers
+        last = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, nn.Linear)][-1:]
+        if last:
+            name, head = last[0]
+            info(
+                _log,
+                f"SpartaMaskCallback: no `get_classifier()` in the model; the classifier head is `{name}`, its last "
+                "Linear layer (pass `head=` to choose another).",
+            )
+            return head
         raise ValueError(
             "SpartaMaskCallback could not find the classifier head: neither the LightningModule nor a submodule "
-            "has `get_classifier()`. Pass it with `SpartaMaskCallback(head=...)` (a module or its qualified name)."
+            "has `get_classifier()`, and it has no Linear layer. Pass it with `SpartaMaskCallback(head=...)` (a "
+            "module or its qualified name)."
         )
 
     def _drop_unsupported_forward(self, pl_module: pl.LightningModule) -> None:
-        """Leave dense (unscored, frozen) the scored convs whose own forward the sparse layers do not reproduce."""
-        dropped = []
+        """Leave dense (unscored, frozen) the scored layers a sparse layer cannot stand in for.
+
+        Convs whose own forward the sparse layers do not reproduce, and layers whose parent reads their
+        weight instead of calling them (``nn.MultiheadAttention.out_proj``, torchvision Swin's ``qkv`` and
+        ``proj``): a sparse layer's merged weight carries no gradient to its rows.
+        """
+        dropped, functional = [], []
         for name, module in list(self._scored.items()):
+            parent_name, _, child = name.rpartition(".")
+            if child in functional_children(_get(pl_module, parent_name)):
+                functional.append(name)
+                del self._scored[name]
+                continue
             try:
                 check_dense(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d)
             except UnsupportedForwardError:
@@ -584,21 +609,23 @@ class SpartaMaskCallback(Callback):
                 f"SpartaMaskCallback: {len(dropped)} layer(s) override forward with a function the sparse layers do "
                 f"not reproduce; they stay dense, frozen and unscored: {shorten(dropped)}."
             )
+        if functional:
+            rank_zero_user_warn(
+                f"SpartaMaskCallback: {len(functional)} layer(s) are not called by their parent, which passes their "
+                "weights to a function (nn.MultiheadAttention, torchvision's Swin attention), so a sparse layer "
+                f"cannot stand in for them; they stay dense, frozen and unscored: {shorten(functional)}."
+            )
 
     def _check_swappable(self, pl_module: pl.LightningModule) -> None:
         """Refuse scored layers that the sparse layers cannot replace, before anything changes."""
         for name, module in self._scored.items():
-            parent = _get(pl_module, name.rpartition(".")[0])
-            if isinstance(parent, nn.MultiheadAttention):
-                problem = "it belongs to an nn.MultiheadAttention, which reads its weight directly"
-            else:
-                try:  # the sparse layer's own validation: padding mode, 'same' padding
-                    _ROW_TYPES[nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d].from_dense(
-                        module, torch.zeros(1, dtype=torch.long, device=module.weight.device)
-                    )
-                    continue
-                except ValueError as err:
-                    problem = str(err)
+            try:  # the sparse layer's own validation: padding mode, 'same' padding
+                _ROW_TYPES[nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d].from_dense(
+                    module, torch.zeros(1, dtype=torch.long, device=module.weight.device)
+                )
+                continue
+            except ValueError as err:
+                problem = str(err)
             raise ValueError(
                 f"Scored layer {name!r} ({type(module).__name__}) cannot be replaced by a sparse layer: {problem}. "
                 "Exclude it with `SpartaMaskCallback(layer_filter=lambda module, name: ...)`."

@@ -117,6 +117,11 @@ def register_functional_children(module_type: type[nn.Module], children: Iterabl
     _FUNCTIONAL_CHILDREN[module_type] = tuple(children)
 
 
+def functional_children(module: nn.Module) -> tuple[str, ...]:
+    """Names of the children whose parameters ``module``'s forward uses without calling them."""
+    return _FUNCTIONAL_CHILDREN.get(type(module), ())
+
+
 def register_layer_scale(
     module_type: type[nn.Module],
     scales: dict[str, tuple[str, str]],
@@ -290,7 +295,7 @@ class PerSampleGradients:
             if module in absorbed:
                 continue
             own = _trainable(module)
-            for child_name in _FUNCTIONAL_CHILDREN.get(type(module), ()):
+            for child_name in functional_children(module):
                 child = getattr(module, child_name, None)
                 if isinstance(child, nn.Module):
                     absorbed.update(child.modules())
@@ -797,6 +802,7 @@ def sum_of_losses(output: Any, batch_size: int, reduction: str) -> tuple[torch.T
 __all__ = [
     "ModulePath",
     "PerSampleGradients",
+    "functional_children",
     "grad_sampler_for",
     "register_broadcast_parameters",
     "register_functional_children",
