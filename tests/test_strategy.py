@@ -389,6 +389,61 @@ def test_parameter_used_outside_its_module_is_refused():
         trainer.fit(module)
 
 
+class _EvalBackbone(TinyModule):
+    """Puts trainable layers in eval() (the usual way to switch off dropout or freeze statistics in a
+    backbone), from the first epoch or from the second one."""
+
+    def __init__(self, from_epoch: int):
+        super().__init__(batch_size=24)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+        self.from_epoch = from_epoch
+
+    def on_train_epoch_start(self):
+        if self.current_epoch >= self.from_epoch:
+            self.net[:3].eval()
+
+
+class _ClippedSumReference(L.Callback):
+    """At the start of the last epoch: the parameters and Σ_i clip(g_i) of the whole dataset, from torch.func."""
+
+    def __init__(self, clip: float):
+        self.clip, self.params, self.sums = clip, {}, {}
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch != trainer.max_epochs - 1:
+            return
+        module.net[:3].eval()  # as the module's own hook will (callbacks run first)
+        x, y = module.dataset.tensors
+        self.params = {k: v.detach().clone() for k, v in module.named_parameters()}
+
+        def loss_one(p, xi, yi):
+            return F.cross_entropy(functional_call(module, p, (xi[None],)), yi[None])
+
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(self.params, x, y)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0)
+        factors = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+        self.sums = {k: torch.einsum("i,i...->...", factors, g) for k, g in per_sample.items()}
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+@pytest.mark.parametrize("from_epoch", [0, 1])
+def test_layers_in_eval_mode_train_with_their_per_sample_gradients(clipping, from_epoch):
+    """Hooks skipped modules in eval(): from the first step such a model was refused by the sum check as if
+    its parameters were used outside their modules; switched during the run, those parameters silently
+    stopped training (their clipped sums were empty). σ = 0, q = 1, SGD lr = 1: the last step's update is
+    Σ_i clip(g_i)/n with g_i from torch.func on the model in its modes at that step."""
+    module = _EvalBackbone(from_epoch)
+    reference = _ClippedSumReference(clip=0.05)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping)
+    _trainer(strategy, max_epochs=from_epoch + 1, callbacks=[reference]).fit(module)
+    assert strategy.sample_rate == 1.0
+    n = len(module.dataset)
+    for name, p in module.named_parameters():
+        expected = reference.params[name] - reference.sums[name] / n
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_one_process_keeps_the_users_thread_count(monkeypatch):
     """No launcher for one process: Lightning's would call torch.set_num_threads(cpu_count) when
     OMP_NUM_THREADS is unset, overriding what the user chose (and skewing CPU benchmarks)."""

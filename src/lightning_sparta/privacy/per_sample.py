@@ -427,7 +427,10 @@ class PerSampleGradients:
         return _Capture(self)
 
     def _active(self, module: nn.Module) -> bool:
-        return self.enabled and module.training and torch.is_grad_enabled()
+        # Not `module.training`: a trainable layer put in eval() (dropout off, a backbone's statistics kept)
+        # still has a per-sample gradient, and skipping it left its parameters without one. Evaluation
+        # runs without gradients, and the hooks record only while capturing.
+        return self.enabled and torch.is_grad_enabled()
 
     def _attach_sampler(self, module: nn.Module) -> None:
         candidates = _SAMPLER_OUTPUTS.get(type(module), ())
