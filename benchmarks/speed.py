@@ -62,7 +62,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    # argparse formats help strings with %: the row names' "20%" must be escaped
+    rows = str(ROWS).replace("%", "%%")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {rows}")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 6, 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 1 with --quick)")
     parser.add_argument("--batch-size", type=int, default=64, help="(expected) batch size B")
@@ -85,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help=f"also time {SWEEP_ROWS} at batch sizes {SWEEP_BATCHES} (table and plot of cost versus batch size)",
+        help=f"also time {str(SWEEP_ROWS).replace('%', '%%')} at batch sizes {SWEEP_BATCHES} (table and plot of cost "
+        "versus batch size)",
     )
     parser.add_argument("--sweep-steps", type=int, default=2, help="timed steps per sweep point (after 1 warm-up)")
     parser.add_argument(

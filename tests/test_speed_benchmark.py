@@ -59,3 +59,11 @@ def test_spread_section_reports_the_pooled_ratio(speed) -> None:
     assert "m / dp: " in text
     assert "pooled step median 100.0 CPU-ms per sample, 0.55× non-private" in text
     assert speed.spread_section([_run("m", "dp", [(10, 1.0)])], repeats=1) == ""
+
+
+def test_help_prints(speed, capsys) -> None:
+    """`--help` crashed: argparse formats help strings with %, and the row names hold "20%"."""
+    with pytest.raises(SystemExit) as stop:
+        speed.parse_args(["--help"])
+    assert stop.value.code == 0
+    assert "sparta-sparse-20%" in capsys.readouterr().out
