@@ -23,6 +23,7 @@ from test_per_sample import build as build_per_sample_case
 from test_sparse_layers import SPARSE_CASES, _build, _perturb_, assert_per_sample_grads_match
 from test_sparta import FRACTION, SCORED, SparseModule
 from test_strategy import TinyModule, _clipped_sum_reference, _trainer
+from test_torchvision_models import check_one_step_equals_clipped_sum
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -151,3 +152,9 @@ def check_per_sample_case(case: str, device: str) -> None:
 @pytest.mark.parametrize("case", REPLAY_CASES)
 def test_per_sample_paths_on_gpu_equal_torch_func(case):
     check_per_sample_case(case, "cuda")
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2", "convnext"])
+def test_torchvision_transformers_on_gpu_equal_torch_func(name):
+    """nn.MultiheadAttention and Swin's window attention replayed with their functional children on CUDA."""
+    check_one_step_equals_clipped_sum(name, accelerator="gpu")
