@@ -1,4 +1,5 @@
-"""torchvision's ImageNet architectures under DPStrategy: which train, on which paths, and exactly.
+"""torchvision's ImageNet architectures (and torch.nn's sequence layers) under DPStrategy: which train,
+on which paths, and exactly.
 
 torchvision builds some layers differently from timm: ``nn.MultiheadAttention`` (ViT) and Swin's
 ``shifted_window_attention`` take their projections' weights as arguments instead of calling them,
@@ -151,35 +152,70 @@ def test_multihead_attention_paths():
     assert paths.paths["model"] == paths.paths["model.encoder"] == "broadcast"
 
 
-class _SequenceFirst(L.LightningModule):
-    """A transformer layer in PyTorch's default [tokens, batch, features] layout."""
+class _Sequence(L.LightningModule):
+    """A sequence layer (attention or recurrent) on [B, T, D] tokens, in either layout, then a head."""
 
-    def __init__(self):
+    def __init__(self, kind: str, batch_first: bool):
         super().__init__()
-        self.attention = nn.MultiheadAttention(8, 2)  # batch_first=False
+        self.batch_first = batch_first
+        if kind == "MultiheadAttention":
+            self.layer = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        else:
+            self.layer = getattr(nn, kind)(8, 8, batch_first=batch_first)
         self.head = nn.Linear(8, CLASSES)
         g = torch.Generator().manual_seed(0)
         self.data = TensorDataset(torch.randn(4, 4, 8, generator=g), torch.randint(0, CLASSES, (4,), generator=g))
 
+    def forward(self, x):
+        tokens = x if self.batch_first else x.transpose(0, 1)  # [T, B, D] with T == B: shapes cannot tell
+        args = (tokens, tokens, tokens) if isinstance(self.layer, nn.MultiheadAttention) else (tokens,)
+        out = self.layer(*args)[0]
+        return self.head(out.mean(1 if self.batch_first else 0))
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        tokens = x.transpose(0, 1)  # [T, B, D] with T == B: a shape check alone could not tell
-        out, _ = self.attention(tokens, tokens, tokens)
-        return nn.functional.cross_entropy(self.head(out.mean(0)), y)
+        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=1.0)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(self.data, batch_size=4)
 
 
-def test_sequence_first_multihead_attention_is_refused_naming_it():
-    module = _SequenceFirst()
+@pytest.mark.parametrize("kind", ["MultiheadAttention", "LSTM", "GRU"])
+def test_sequence_first_layers_are_refused_naming_them(kind):
+    """PyTorch's default [tokens, batch, features] layout: per-sample gradients along the first dimension
+    would be per token, and with as many tokens as samples no shape check could tell."""
+    module = _Sequence(kind, batch_first=False)
     before = [p.detach().clone() for p in module.parameters()]
-    with pytest.raises(ValueError, match=r"`attention` \(MultiheadAttention\).*batch_first=True"):
+    with pytest.raises(ValueError, match=rf"`layer` \({kind}\).*batch_first=True"):
         _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1).fit(module)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_lstm_is_replayed_per_sample_exactly():
+    """nn.LSTM (batch_first=True) has no grad sampler: the replay runs it per sample. σ = 0, q = 1, lr = 1."""
+    module = _Sequence("LSTM", batch_first=True)
+    x, y = module.data.tensors
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    per_sample = _per_sample_reference(module, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
+    _trainer(strategy, max_steps=1).fit(module)
+    for key, param in module.named_parameters():
+        expected = params[key] - torch.einsum("i,i...->...", factors, per_sample[key]) / 4
+        torch.testing.assert_close(param.detach(), expected, **TOL, msg=key)
+
+
+def test_a_layer_the_replay_cannot_run_is_refused_naming_it():
+    """nn.GRU's fused kernel has no per-sample (vmap) rule: a clear refusal, not torch.func's shape error."""
+    module = _Sequence("GRU", batch_first=True)
+    with pytest.raises(RuntimeError, match=r"replay of `layer` \(GRU\) failed.*Freeze its parameters"):
+        _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1).fit(module)
 
 
 class _RowsAtSwap(L.Callback):

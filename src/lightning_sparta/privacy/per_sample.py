@@ -300,10 +300,10 @@ class PerSampleGradients:
                 if isinstance(child, nn.Module):
                     absorbed.update(child.modules())
                     own += [(f"{child_name}.{n}", p) for n, p in _trainable(child, recurse=True)]
-            if own and isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+            if own and getattr(module, "batch_first", None) is False:  # nn.MultiheadAttention, RNNs
                 raise ValueError(
-                    f"`{name or '<root>'}` (MultiheadAttention) has `batch_first=False`: its inputs, and those of the "
-                    "layers around it, are [tokens, batch, features], so per-sample gradients (taken along the "
+                    f"`{name or '<root>'}` ({type(module).__name__}) has `batch_first=False`: its inputs, and those of "
+                    "the layers around it, are [tokens, batch, features], so per-sample gradients (taken along the "
                     "first dimension) would be per token. Build it with `batch_first=True`, or freeze its parameters."
                 )
             if not own:

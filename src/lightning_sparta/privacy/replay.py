@@ -111,7 +111,11 @@ class OwnParameterReplay:
             per_sample = grads({n: p.detach() for n, p in own.items()}, args, values, backprops)
         except RuntimeError as error:
             if "randomness" not in str(error):
-                raise
+                raise RuntimeError(
+                    f"The per-sample replay of `{self.label}` ({type(module).__name__}) failed: its forward pass "
+                    f"cannot run one sample at a time under torch.func ({error}). Freeze its parameters "
+                    f"{sorted(own)}, or register a grad sampler for {type(module).__name__}."
+                ) from error
             raise RuntimeError(
                 f"The per-sample replay of `{self.label}` ({type(module).__name__}) met a random operation "
                 "(dropout, stochastic depth) in its forward pass. A replay cannot reuse the draws of the real "
