@@ -144,6 +144,20 @@ def test_privacy_state_from_a_checkpoint(tmp_path):
     assert again.accountant.history == [(1.0, 0.25, 4)]
 
 
+def test_a_run_continuing_a_privacy_state_resumes_from_its_checkpoint(tmp_path):
+    """Run B continues run A's history (`privacy_state=`) and is interrupted; a new process resumes B's
+    checkpoint with the same `privacy_state`: B's history extends the loaded one, so it is adopted."""
+    first = DPStrategy(noise_multiplier=1.0, accountant="rdp", seed=0)
+    _trainer(first, max_epochs=1).fit(TinyModule(batch_size=6))
+    second = DPStrategy(noise_multiplier=2.0, accountant="rdp", seed=1, privacy_state=first.privacy_state())
+    trainer = _trainer(second, max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(TinyModule(batch_size=6))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = DPStrategy(noise_multiplier=2.0, accountant="rdp", privacy_state=first.privacy_state())
+    _trainer(resumed, max_epochs=2).fit(TinyModule(batch_size=6), ckpt_path=checkpoint)
+    assert resumed.accountant.history == [(1.0, 0.25, 4), (2.0, 0.25, 8)]
+
+
 # ------------------------------------------------------------------------------------------ 4: output
 def test_console_shows_a_compact_path_summary_and_debug_the_table(package_log, tmp_path):
     from lightning.pytorch.loggers import CSVLogger

@@ -880,23 +880,28 @@ class DPStrategy(DDPStrategy):
         return checkpoint
 
     def _rewound(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The state to resume when this strategy, which has already taken steps, loads a checkpoint.
+        """The state to resume when this strategy, whose history is not empty, loads a checkpoint.
 
         ``trainer.fit(model, ckpt_path=...)`` with an earlier checkpoint of this strategy's own run rewinds
         the weights, but the steps taken after that checkpoint were released (later checkpoints, logs)
         and stay in the accountant's history. Their noise and batches were keyed by the step and the
         epoch the rewind brings back, so the run continues on a new stream instead of replaying them.
 
+        A checkpoint whose history extends this strategy's (the strategy was given a ``privacy_state`` that
+        the checkpoint's run continued) is resumed as it is.
+
         Raises:
-            ValueError: if the checkpoint's history is not an earlier point of this strategy's own.
+            ValueError: if the checkpoint's history is neither an earlier nor a later point of this one's.
         """
         own = [tuple(h) for h in self.accountant.history]
         theirs = [tuple(h) for h in state["history"]]
+        if is_prefix(own, theirs) and not is_prefix(theirs, own):
+            return state  # a later point of this history (a run that continued a `privacy_state`): adopt it
         if not is_prefix(theirs, own):
             raise ValueError(
-                f"This DPStrategy has already taken {self.steps} steps, and the checkpoint comes from another "
-                f"run (its accountant history {theirs} is not an earlier point of this one's, {own}). Resume "
-                "it with a new DPStrategy, and pass `privacy_state=` this strategy's `privacy_state()` to "
+                f"This DPStrategy already accounts {self.steps} steps, and the checkpoint comes from another run "
+                f"(its accountant history {theirs} is neither an earlier nor a later point of this one's, {own}). "
+                "Resume it with a new DPStrategy, and pass `privacy_state=` this strategy's `privacy_state()` to "
                 "account for both runs."
             )
         discarded = self.steps - sum(int(n) for *_, n in theirs)
