@@ -100,6 +100,30 @@ def _per_sample_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
 
 
+def _median_clipped_mean(per_sample: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The clipping norm C at the median per-sample norm (some samples clipped, some not) and Σ_i clip(g_i)/n."""
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return clip, {k: torch.einsum("i,i...->...", factors, g) / len(norms) for k, g in per_sample.items()}
+
+
+def assert_one_step_equals_clipped_sum(
+    model: nn.Module, data: TensorDataset, accelerator: str = "cpu", callbacks: tuple = ()
+) -> None:
+    """σ = 0, q = 1, SGD lr = 1: one step's update is Σ_i clip(g_i)/n, g_i from torch.func (on the CPU)."""
+    x, y = data.tensors
+    clip, expected = _median_clipped_mean(_per_sample_reference(model, x, y))
+    module = Classifier(model, data, batch_size=len(x))
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
+    _trainer(strategy, max_steps=1, accelerator=accelerator, callbacks=list(callbacks)).fit(module)
+    for key, param in module.named_parameters():
+        update = before[key] - param.detach().cpu()
+        torch.testing.assert_close(update, expected[key.removeprefix("model.")], **TOL, msg=key)
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -111,10 +135,7 @@ def test_resnet18_one_step_equals_clipped_sum():
     data = _data()
     x, y = data.tensors
     per_sample = _per_sample_reference(model, x, y)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    clip = float(norms.median())  # some samples clipped, some not
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = {k: torch.einsum("i,i...->...", factors, g) / N for k, g in per_sample.items()}
+    clip, expected = _median_clipped_mean(per_sample)
 
     module = Classifier(model, data, batch_size=N)
     before = {k: v.detach().clone() for k, v in module.named_parameters()}
@@ -377,10 +398,7 @@ def test_evonorm_batch_variance_is_frozen_like_batchnorm(kind):
     data = _data()
     x, y = data.tensors
     per_sample = _per_sample_reference(model, x, y)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    clip = float(norms.median())
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = {k: torch.einsum("i,i...->...", factors, g) / N for k, g in per_sample.items()}
+    clip, expected = _median_clipped_mean(per_sample)
 
     module = Classifier(model, data, batch_size=N)
     before = {k: v.detach().clone() for k, v in module.named_parameters()}
@@ -403,28 +421,15 @@ def test_convnext_layer_scale_one_step_equals_clipped_sum():
     data = _data(4, seed=2)
     x, y = data.tensors
     x = torch.nn.functional.interpolate(x, size=32)
-    data = TensorDataset(x, y)
-    per_sample = _per_sample_reference(model, x, y)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    clip = float(norms.median())
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = {k: torch.einsum("i,i...->...", factors, g) / 4 for k, g in per_sample.items()}
-
-    module = Classifier(model, data, batch_size=4)
-    before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
     paths = {}
 
     class Paths(L.Callback):
         def on_train_batch_end(self, trainer, *args):
             paths.update({(p.module, p.path) for p in trainer.strategy.engine.paths()})
 
-    _trainer(strategy, max_steps=1, callbacks=[Paths()]).fit(module)
+    assert_one_step_equals_clipped_sum(model, TensorDataset(x, y), callbacks=(Paths(),))
     assert paths["model.stages.0.blocks.0"] == "grad_sampler"
     assert paths["model.stages.0.blocks.0.mlp.fc1"] == "ghost"
-    for name, param in module.named_parameters():
-        torch.testing.assert_close(before[name] - param.detach(), expected[name.removeprefix("model.")], **TOL)
 
 
 def test_poolformer_trains_although_float32_rounding_is_large_in_its_last_stage():

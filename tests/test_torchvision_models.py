@@ -26,7 +26,14 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from lightning_sparta import DPStrategy, SpartaMaskCallback
 from lightning_sparta.sparse import sparse_modules
-from test_real_models import TOL, Classifier, _per_sample_reference, _randomise_batchnorm
+from test_real_models import (
+    TOL,
+    Classifier,
+    _median_clipped_mean,
+    _per_sample_reference,
+    _randomise_batchnorm,
+    assert_one_step_equals_clipped_sum,
+)
 from test_strategy import _trainer
 
 CLASSES = 5
@@ -83,23 +90,7 @@ class _Paths(L.Callback):
 
 
 def check_one_step_equals_clipped_sum(name: str, accelerator: str = "cpu") -> None:
-    """σ = 0, q = 1, SGD lr = 1: the update is Σ_i clip(g_i)/n with g_i from torch.func (on the CPU)."""
-    model, data = _model(name), _data(4)
-    x, y = data.tensors
-    per_sample = _per_sample_reference(model, x, y)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    clip = float(norms.median())  # some samples clipped, some not
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = {k: torch.einsum("i,i...->...", factors, g) / 4 for k, g in per_sample.items()}
-
-    module = Classifier(model, data, batch_size=4)
-    before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
-    _trainer(strategy, max_steps=1, accelerator=accelerator).fit(module)
-    for key, param in module.named_parameters():
-        update = before[key] - param.detach().cpu()
-        torch.testing.assert_close(update, expected[key.removeprefix("model.")], **TOL, msg=key)
+    assert_one_step_equals_clipped_sum(_model(name), _data(4), accelerator=accelerator)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "swin_v2", "convnext"])
@@ -200,15 +191,12 @@ def test_lstm_is_replayed_per_sample_exactly():
     x, y = module.data.tensors
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     per_sample = _per_sample_reference(module, x, y)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    clip = float(norms.median())
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    clip, expected = _median_clipped_mean(per_sample)
     with pytest.warns(UserWarning, match="NOT differentially private"):
         strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=clip)
     _trainer(strategy, max_steps=1).fit(module)
     for key, param in module.named_parameters():
-        expected = params[key] - torch.einsum("i,i...->...", factors, per_sample[key]) / 4
-        torch.testing.assert_close(param.detach(), expected, **TOL, msg=key)
+        torch.testing.assert_close(param.detach(), params[key] - expected[key], **TOL, msg=key)
 
 
 def test_a_layer_the_replay_cannot_run_is_refused_naming_it():
