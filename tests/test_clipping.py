@@ -45,6 +45,30 @@ class _Twice(nn.Module):
         return self.fc(torch.tanh(self.fc(x)))
 
 
+class _Attention(nn.Module):
+    """nn.MultiheadAttention as models call it: self-attention, masks, causal, or separate key/value inputs."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        tokens = x.shape[1]
+        if self.how == "cross":
+            memory = torch.tanh(x.flip(1))
+            return self.attn(x, memory, memory)[0]
+        if self.how == "masks":
+            padding = x[..., 0] > 0.8  # each sample's own tokens to ignore (from its data, not its index)
+            padding[:, 0] = False
+            bias = torch.linspace(-1, 1, tokens * tokens, dtype=x.dtype, device=x.device).view(tokens, tokens)
+            return self.attn(x, x, x, key_padding_mask=padding, attn_mask=bias)[0]
+        if self.how == "causal":
+            mask = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+            return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+        return self.attn(x, x, x)[0]  # need_weights=True by default: the explicit softmax path
+
+
 def _conv(*args, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(*args, **kwargs)
 
@@ -126,6 +150,10 @@ CASES = [
         lambda: nn.Embedding(9, 4, padding_idx=2),
         lambda g: torch.randint(0, 9, (6, 5), generator=g),
     ),
+    ("attention-self", lambda: _Attention("self"), lambda g: torch.randn(5, 4, 6, generator=g)),
+    ("attention-masks", lambda: _Attention("masks"), lambda g: torch.randn(5, 4, 6, generator=g)),
+    ("attention-causal", lambda: _Attention("causal"), lambda g: torch.randn(5, 4, 6, generator=g)),
+    ("attention-cross", lambda: _Attention("cross"), lambda g: torch.randn(5, 4, 6, generator=g)),
     ("conv1d-falls-back", lambda: nn.Conv1d(3, 4, 3, padding=1), lambda g: torch.randn(5, 3, 6, generator=g)),
 ]
 

@@ -112,7 +112,7 @@ ZOO = {
     "shufflenet_v2_x0_5": {"ghost", "grad_sampler"},
     "squeezenet1_0": {"ghost"},
     "convnext_sd": {"ghost", "grad_sampler"},  # layer scale from two taps, with stochastic depth
-    "vit": {"broadcast", "functorch", "ghost", "grad_sampler"},  # functorch: nn.MultiheadAttention
+    "vit": {"broadcast", "ghost", "grad_sampler"},  # nn.MultiheadAttention: its own ghost form
     "swin_sd": {"functorch", "ghost", "grad_sampler"},  # functorch: the window attention
 }
 
@@ -132,15 +132,18 @@ def test_trains(name):
 
 
 def test_multihead_attention_paths():
-    """The out projection is replayed with the attention that uses it; the class token and position
-    embedding are broadcast instead of replaying the whole model for them."""
-    paths = _Paths()
-    module = Classifier(_model("vit"), _data(4), batch_size=4, lr=0.01)
-    _trainer(DPStrategy(noise_multiplier=1.0, seed=0), max_steps=1, callbacks=[paths]).fit(module)
-    attention = "model.encoder.layers.encoder_layer_0.self_attention"
-    assert paths.paths[attention] == "functorch"
-    assert f"{attention}.out_proj" not in paths.paths
-    assert paths.paths["model"] == paths.paths["model.encoder"] == "broadcast"
+    """The attention takes its ghost form (its out projection with it, no path of its own), and the class
+    token and position embedding are broadcast instead of replaying the whole model for them; the
+    per-sample engine replays the attention instead."""
+    for clipping, path in (("auto", "ghost"), ("per_sample", "functorch")):
+        paths = _Paths()
+        module = Classifier(_model("vit"), _data(4), batch_size=4, lr=0.01)
+        strategy = DPStrategy(noise_multiplier=1.0, seed=0, clipping=clipping)
+        _trainer(strategy, max_steps=1, callbacks=[paths]).fit(module)
+        attention = "model.encoder.layers.encoder_layer_0.self_attention"
+        assert paths.paths[attention] == path
+        assert f"{attention}.out_proj" not in paths.paths
+        assert paths.paths["model"] == paths.paths["model.encoder"] == "broadcast"
 
 
 class _Sequence(L.LightningModule):

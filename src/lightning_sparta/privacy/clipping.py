@@ -10,7 +10,8 @@ sample's gradient over *all* trainable parameters, and the clipped sum ``Σ_i c_
     those tensors. Memory grows as ``B × (trainable parameters)``.
 
 ``"ghost"`` / ``"auto"`` (:class:`GhostClipping`, ghost norms + book-keeping)
-    layers with a *ghost form* (Linear, Conv2d, timm's Conv2dSame, our row-sparse layers, Embedding)
+    layers with a *ghost form* (Linear, Conv2d, timm's Conv2dSame, our row-sparse layers, Embedding,
+    ``nn.MultiheadAttention`` as two Linear maps around its recomputed attention core)
     keep only their input ``a`` and output gradient ``b`` from the one backward pass. A layer that
     multiplies per-sample activations ``a_i`` (``[T, d_in]``; Conv2d: unfolded patches, ``T = H'·W'``)
     by its weight has the per-sample weight gradient ``g_i = b_iᵀ a_i``, whose squared norm is
@@ -919,6 +920,92 @@ def embedding_ghost_form(module: nn.Embedding, inputs: list, grad_output: torch.
     if module.padding_idx is not None:
         grads = grads * (indices != module.padding_idx).unsqueeze(-1).to(grads.dtype)
     return [EmbeddingTerm(module.weight, indices, grads)]
+
+
+def _supports_attention(module: nn.MultiheadAttention) -> bool:
+    # attention dropout could not be redrawn by the recomputation below (the replay refuses it instead)
+    return (
+        module.batch_first
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and module.bias_v is None
+        and not module.add_zero_attn
+        and module.dropout == 0.0
+    )
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+
+
+@register_ghost_form(nn.MultiheadAttention, _supports_attention)
+def attention_ghost_form(module: nn.MultiheadAttention, inputs: list, grad_output: torch.Tensor) -> list[_Term]:
+    """``nn.MultiheadAttention`` (batch first, no attention dropout): two Linear maps around the attention.
+
+    The forward passes its projections' weights to ``F.multi_head_attention_forward`` instead of calling
+    them, so the hooks see only the attention's inputs and the gradient ``g`` of its output. The attention
+    core is recomputed once for the whole batch (it treats each sample on its own): from the projected
+    ``q, k, v`` as leaves, with identity projections, it gives the out-projection's input ``o``, and one
+    backward of ``o`` with its gradient ``g W_out`` gives the gradients of ``q, k, v``. The in-projection
+    is then a Linear with input ``x`` and output gradient ``[g_q, g_k, g_v]`` (self-attention; separate
+    query, key and value inputs give materialised blocks), the out-projection a Linear with input ``o``
+    and output gradient ``g``. Keyword inputs (masks, ``is_causal``) are passed to the recomputation.
+    """
+    *args, kwargs = inputs if inputs and isinstance(inputs[-1], dict) else (*inputs, {})
+    names = ("query", "key", "value")
+    query, key, value = (*args, *(kwargs[n] for n in names[len(args) :]))
+    options = {n: kwargs.get(n) for n in ("key_padding_mask", "attn_mask")}
+    is_causal = bool(kwargs.get("is_causal", False))
+    embed, heads = module.embed_dim, module.num_heads
+    wide = torch.promote_types(query.dtype, torch.float32)  # recomputed in float32 at least (bf16 forwards)
+    weight = module.in_proj_weight.detach().to(wide)
+    bias = module.in_proj_bias.detach().to(wide) if module.in_proj_bias is not None else None
+    biases = bias.chunk(3) if bias is not None else (None, None, None)
+    eye = torch.eye(embed, dtype=wide, device=query.device)
+    options = {n: m.to(wide) if torch.is_tensor(m) and m.is_floating_point() else m for n, m in options.items()}
+    with torch.enable_grad():
+        projected = [
+            F.linear(x.to(wide), w, b).detach().requires_grad_(True)
+            for x, w, b in zip((query, key, value), weight.chunk(3), biases, strict=True)
+        ]
+        out, _ = F.multi_head_attention_forward(
+            *(t.transpose(0, 1) for t in projected),
+            embed,
+            heads,
+            None,
+            None,
+            None,
+            None,
+            False,
+            0.0,
+            eye,
+            None,
+            training=False,
+            need_weights=False,
+            use_separate_proj_weight=True,
+            q_proj_weight=eye,
+            k_proj_weight=eye,
+            v_proj_weight=eye,
+            is_causal=is_causal,
+            **options,
+        )
+        attended = out.transpose(0, 1)  # [B, T, E]: the out-projection's input
+        back = grad_output.to(wide) @ module.out_proj.weight.detach().to(wide)
+        grads = torch.autograd.grad(attended, projected, back)
+    terms = _linear_terms(module.out_proj.weight, module.out_proj.bias, attended.detach(), grad_output)
+    if _same_tensor(query, key) and _same_tensor(key, value):  # self-attention: one Linear [x] -> [q, k, v]
+        return terms + _linear_terms(module.in_proj_weight, module.in_proj_bias, query, torch.cat(grads, -1))
+    batch = grad_output.shape[0]
+    if _trainable(module.in_proj_bias):
+        sums = [_wide(g).reshape(batch, -1, embed).sum(1) for g in grads]
+        terms.append(DenseTerm(module.in_proj_bias, torch.cat(sums, 1)))
+    if _trainable(module.in_proj_weight):
+        blocks = [
+            torch.einsum("bto,bti->boi", _wide(g).reshape(batch, -1, embed), _wide(x).reshape(batch, -1, embed))
+            for g, x in zip(grads, (query, key, value), strict=True)
+        ]
+        terms.append(DenseTerm(module.in_proj_weight, torch.cat(blocks, 1)))
+    return terms
 
 
 _register_sparse_and_timm()

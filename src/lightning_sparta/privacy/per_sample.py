@@ -252,7 +252,7 @@ class PerSampleGradients:
         # "ghost" modules: run the forward with detached parameters, so that autograd does not compute
         # a batch weight gradient that the clipping engine replaces by its own clipped sum anyway
         self.skip_ghost_parameter_gradients = False
-        self._detached: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        self._detached: dict[nn.Module, dict[tuple[nn.Module, str], nn.Parameter]] = {}
         self.parameters: list[nn.Parameter] = []
         self.parameter_names: dict[nn.Parameter, str] = {}
         self._paths: list[ModulePath] = []
@@ -437,8 +437,11 @@ class PerSampleGradients:
         children = [c for c in candidates if isinstance(getattr(module, c, None), nn.Module)]
         if children:
             self._attach_tap(module, getattr(module, children[0]), children[0])
-        else:
-            self._handles.append(module.register_forward_hook(self._hook_output))
+        else:  # with the keyword inputs: a ghost form may need them (an attention's masks)
+            self._handles.append(module.register_forward_hook(self._hook_output_kwargs, with_kwargs=True))
+
+    def _hook_output_kwargs(self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+        self._hook_output(module, inputs, output, kwargs)
 
     def _hook_output(
         self, module: nn.Module, inputs: tuple[Any, ...], output: Any, kwargs: dict[str, Any] | None = None
@@ -593,7 +596,8 @@ class PerSampleGradients:
         if module in self._ghost:  # the clipping engine takes norms and sums from (input, output gradient)
             # unscaled: the engine applies the scale to the norms and the clip factors, [B] vectors, instead
             # of copying every layer's output gradient
-            self._records[module].append((activations, grad_output.detach(), self.loss_scale))
+            inputs = [*activations, call.kwargs] if call.kwargs else activations  # keyword inputs last, as a dict
+            self._records[module].append((inputs, grad_output.detach(), self.loss_scale))
             return
         backprops = grad_output.detach() if self.loss_scale == 1 else grad_output.detach() * self.loss_scale
         replay = self._replays.get(module)
@@ -639,16 +643,18 @@ class PerSampleGradients:
             if not any(torch.is_tensor(a) and a.requires_grad for a in args):
                 return  # e.g. the first layer: its output would need no gradient at all
             saved = {}
-            for name in names:
-                param = mod._parameters[name]
+            for name in names:  # "out_proj.weight": a functional child's parameter, see register_functional_children
+                prefix, _, leaf = name.rpartition(".")
+                owner = mod.get_submodule(prefix) if prefix else mod
+                param = owner._parameters[leaf]
                 if param is not None:
-                    saved[name] = param
-                    mod._parameters[name] = param.detach()  # read by the forward pass as the attribute
+                    saved[(owner, leaf)] = param
+                    owner._parameters[leaf] = param.detach()  # read by the forward pass as the attribute
             self._detached[mod] = saved
 
         def restore(mod: nn.Module, _args: Any, _output: Any) -> None:
-            for name, param in self._detached.pop(mod, {}).items():
-                mod._parameters[name] = param
+            for (owner, leaf), param in self._detached.pop(mod, {}).items():
+                owner._parameters[leaf] = param
 
         self._handles.append(module.register_forward_pre_hook(detach))
         self._handles.append(module.register_forward_hook(restore, always_call=True))
