@@ -961,35 +961,39 @@ def attention_ghost_form(module: nn.MultiheadAttention, inputs: list, grad_outpu
     weight = module.in_proj_weight.detach().to(wide)
     bias = module.in_proj_bias.detach().to(wide) if module.in_proj_bias is not None else None
     biases = bias.chunk(3) if bias is not None else (None, None, None)
-    eye = torch.eye(embed, dtype=wide, device=query.device)
     options = {n: m.to(wide) if torch.is_tensor(m) and m.is_floating_point() else m for n, m in options.items()}
     with torch.enable_grad():
         projected = [
             F.linear(x.to(wide), w, b).detach().requires_grad_(True)
             for x, w, b in zip((query, key, value), weight.chunk(3), biases, strict=True)
         ]
-        out, _ = F.multi_head_attention_forward(
-            *(t.transpose(0, 1) for t in projected),
-            embed,
-            heads,
-            None,
-            None,
-            None,
-            None,
-            False,
-            0.0,
-            eye,
-            None,
-            training=False,
-            need_weights=False,
-            use_separate_proj_weight=True,
-            q_proj_weight=eye,
-            k_proj_weight=eye,
-            v_proj_weight=eye,
-            is_causal=is_causal,
-            **options,
-        )
-        attended = out.transpose(0, 1)  # [B, T, E]: the out-projection's input
+        if all(m is None for m in options.values()) and not is_causal:  # ViT: the core alone, batched by head
+            q, k, v = (t.unflatten(-1, (heads, embed // heads)).transpose(1, 2) for t in projected)
+            attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B, T, E]
+        else:  # masks: PyTorch's own function (identity projections), so that they mean what they meant
+            eye = torch.eye(embed, dtype=wide, device=query.device)
+            out, _ = F.multi_head_attention_forward(
+                *(t.transpose(0, 1) for t in projected),
+                embed,
+                heads,
+                None,
+                None,
+                None,
+                None,
+                False,
+                0.0,
+                eye,
+                None,
+                training=False,
+                need_weights=False,
+                use_separate_proj_weight=True,
+                q_proj_weight=eye,
+                k_proj_weight=eye,
+                v_proj_weight=eye,
+                is_causal=is_causal,
+                **options,
+            )
+            attended = out.transpose(0, 1)  # [B, T, E]: the out-projection's input
         back = grad_output.to(wide) @ module.out_proj.weight.detach().to(wide)
         grads = torch.autograd.grad(attended, projected, back)
     terms = _linear_terms(module.out_proj.weight, module.out_proj.bias, attended.detach(), grad_output)
