@@ -67,3 +67,17 @@ def test_help_prints(speed, capsys) -> None:
         speed.parse_args(["--help"])
     assert stop.value.code == 0
     assert "sparta-sparse-20%" in capsys.readouterr().out
+
+
+def test_torchvision_vit_row_times_the_attention_ghost_form(speed) -> None:
+    """`--models vit_tv` builds torchvision's ViT at DeiT-tiny's width, whose attention has a ghost form, and
+    runs only the rows that time it."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from lightning_sparta.privacy.clipping import has_ghost_form
+
+    model = speed.build_model("vit_tv", depth=1)
+    assert isinstance(model, VisionTransformer)
+    assert has_ghost_form(model.encoder.layers[0].self_attention)
+    assert set(speed.MODEL_ROWS["vit_tv"]) <= set(speed.ROWS)
+    assert "vit_tv" not in speed.DEFAULT_MODELS
