@@ -53,7 +53,7 @@ def check_no_accumulation(trainer: pl.Trainer) -> None:
         )
 
 
-def _has_batchnorm(module: nn.Module) -> list[str]:
+def _batchnorm_layers(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -103,7 +103,7 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
                 "but the last batch of each window. Use `DPStrategy(physical_batch_size=...)` to split "
                 "large logical batches."
             )
-        batchnorm = _has_batchnorm(module) if isinstance(callback, StochasticWeightAveraging) else []
+        batchnorm = _batchnorm_layers(module) if isinstance(callback, StochasticWeightAveraging) else []
         if batchnorm:
             raise ValueError(
                 f"DPStrategy: {name} is not supported on a model with BatchNorm ({shorten(batchnorm)}): "

@@ -743,7 +743,7 @@ class _Call:
 
     def set_inputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
         self.inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
-        # keyword arguments, kept for the replay path only
+        # keyword arguments: the replay passes them to the module again, a ghost form may read them (masks)
         self.kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in (kwargs or {}).items()}
         # detach() shares the version counter: a later in-place change of an input is detected in take()
         self.versions = [t._version if torch.is_tensor(t) else None for t in (*self.inputs, *self.kwargs.values())]
