@@ -62,6 +62,15 @@ MAX_GRAD_NORM = 1.0
 NUM_CLASSES = 10
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# --allocator: the malloc every row's process runs with (LD_PRELOAD), and the Debian package that has it.
+# PyTorch's CPU allocator calls malloc; glibc's gives large blocks back to the system and faults them in
+# again, which costs a DP step (that holds activations and output gradients until the clip factors are
+# known) more than a non-private one. PyTorch's performance tuning guide recommends tcmalloc or jemalloc.
+ALLOCATORS = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
+}
+
 
 # ---------------------------------------------------------------------------------------- arguments
 def _help_text(names: tuple[str, ...]) -> str:
@@ -89,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps and a shallow DeiT, for smoke tests")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each row's steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--allocator",
+        choices=("glibc", *ALLOCATORS),
+        default="glibc",
+        help="the malloc of every row's process, preloaded (default glibc, the system's): PyTorch's CPU tuning "
+        "guide recommends tcmalloc or jemalloc (Debian: apt install libtcmalloc-minimal4 / libjemalloc2)",
+    )
     parser.add_argument(
         "--repeats",
         type=int,
@@ -126,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = set(value.split(",")) - set(allowed)
         if unknown:
             parser.error(f"--{name}: unknown {sorted(unknown)}, choose from {allowed}")
+    if args.allocator != "glibc" and args.row is None:
+        library, package = ALLOCATORS[args.allocator]
+        if not _loadable(library):
+            parser.error(f"--allocator {args.allocator}: {library} not found (Debian: apt install {package})")
     if args.image_size < 16 or args.image_size % 4:
         parser.error(f"--image-size must be a multiple of 4 (DeiT's patch size) and at least 16, got {args.image_size}")
     if args.repeats < 1:
@@ -397,6 +417,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     )
     trainer.fit(Classifier())
     assert timer.threads == args.threads, f"trained with {timer.threads} threads, not --threads={args.threads}"
+    allocator = _mapped_allocator()
+    assert allocator == args.allocator, f"ran with malloc={allocator}, not --allocator={args.allocator}"
 
     if dp_row:
         functorch = [m for m, _, path in timer.paths or [] if path == "functorch"]
@@ -417,16 +439,41 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "clipping": clipping if dp_row else None,
         "clipping_table": getattr(timer, "clipping_table", None),
         "batch_size": args.batch_size,
+        "allocator": allocator,
     }
 
 
 # ---------------------------------------------------------------------------------------- driver
+def _loadable(library: str) -> bool:
+    """Whether the dynamic linker finds ``library`` (looked up, not loaded: jemalloc cannot be dlopen-ed late)."""
+    from ctypes.util import find_library
+
+    return find_library(library.split(".so")[0].removeprefix("lib")) == library
+
+
+def _mapped_allocator() -> str:
+    """The preloaded allocator this process runs with, from its memory map ("glibc" when none)."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text() if maps.exists() else ""
+    return next((name for name, (library, _) in ALLOCATORS.items() if library.split(".so")[0] in text), "glibc")
+
+
+def _child_env(args: argparse.Namespace) -> dict[str, str]:
+    # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count to
+    # cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.allocator != "glibc":
+        env["LD_PRELOAD"] = " ".join(filter(None, [ALLOCATORS[args.allocator][0], env.get("LD_PRELOAD", "")]))
+    return env
+
+
 def _child_command(args: argparse.Namespace, model: str, row: str, result_file: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve())]
     command += ["--model", model, "--row", row, "--result-file", result_file]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     command += ["--dataset-size", str(args.dataset_size), "--depth", str(args.depth), "--device", args.device]
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--image-size", str(args.image_size)]
+    command += ["--allocator", args.allocator]
     return command + (["--profile"] if args.profile else [])
 
 
@@ -535,9 +582,7 @@ def _run_child(args: argparse.Namespace, model: str, row: str, tmp: str, label: 
         capture_output=True,
         text=True,
         check=False,
-        # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count
-        # to cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
-        env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
+        env=_child_env(args),
     )
     if args.profile and "--- profile" in proc.stderr:
         print(proc.stderr[proc.stderr.index("--- profile") :], file=sys.stderr)
@@ -640,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"device={args.device} ({machine}), torch {torch.__version__}, threads={args.threads}, "
         f"batch={args.batch_size}, N={args.dataset_size}, warmup={args.warmup}, steps={args.steps}, "
-        f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}"
+        f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}, malloc={args.allocator}"
         + (f", {args.repeats} interleaved runs per row (median shown)" if args.repeats > 1 else "")
     )
     print(header, flush=True)

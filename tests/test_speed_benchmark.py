@@ -81,3 +81,30 @@ def test_torchvision_vit_row_times_the_attention_ghost_form(speed) -> None:
     assert has_ghost_form(model.encoder.layers[0].self_attention)
     assert set(speed.MODEL_ROWS["vit_tv"]) <= set(speed.ROWS)
     assert "vit_tv" not in speed.DEFAULT_MODELS
+
+
+def test_allocator_is_preloaded_into_every_row_and_checked(speed, monkeypatch, capsys) -> None:
+    """`--allocator tcmalloc` preloads the library into the rows' processes (keeping a user's own preload),
+    refuses by name when the library is missing, and a row reads the allocator back from its memory map."""
+    monkeypatch.setattr(speed, "_loadable", lambda library: True)
+    args = speed.parse_args(["--allocator", "tcmalloc", "--device", "cpu"])
+    monkeypatch.setenv("LD_PRELOAD", "libmine.so")
+    env = speed._child_env(args)
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libmine.so"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert "--allocator" in speed._child_command(args, "deit", "non-private", "out.json")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert "LD_PRELOAD" not in speed._child_env(speed.parse_args(["--device", "cpu"]))
+
+    monkeypatch.setattr(speed, "_loadable", lambda library: False)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--allocator", "jemalloc", "--device", "cpu"])
+    assert (
+        "--allocator jemalloc: libjemalloc.so.2 not found (Debian: apt install libjemalloc2)" in capsys.readouterr().err
+    )
+
+    maps = "7f00-7f01 r-xp 0 00:00 0 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n"
+    monkeypatch.setattr(speed.Path, "read_text", lambda self: maps)
+    assert speed._mapped_allocator() == "tcmalloc"
+    monkeypatch.setattr(speed.Path, "read_text", lambda self: "7f00-7f01 r-xp 0 00:00 0 /usr/lib/libc.so.6\n")
+    assert speed._mapped_allocator() == "glibc"
