@@ -76,6 +76,7 @@ from lightning_sparta.privacy.sampler import (
 )
 from lightning_sparta.privacy.scoring import Scoring
 from lightning_sparta.privacy.validation import BATCHNORM_MODES, BatchNormMode, prepare_model
+from lightning_sparta.sparse.swap import SPARSE_LAYER_TYPES
 
 _CHECKPOINT_KEY = "lightning_sparta.dp_strategy"
 _PATHS_FILE = "per_sample_paths.txt"  # the full table of per-sample gradient paths, in the log directory
@@ -422,8 +423,11 @@ class DPStrategy(DDPStrategy):
         """
         if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return
+        module = self.lightning_module
+        # a sparse layer's indices (its selected rows) are structure, not a buffer: broadcast them too
+        indices = [m.index for m in module.modules() if isinstance(m, SPARSE_LAYER_TYPES)]
         with torch.no_grad():
-            for tensor in [*self.lightning_module.parameters(), *self.lightning_module.buffers()]:
+            for tensor in [*module.parameters(), *module.buffers(), *indices]:
                 dist.broadcast(tensor.data, src=0)
 
     def _keep_users_training_sampler(self, trainer: pl.Trainer) -> None:

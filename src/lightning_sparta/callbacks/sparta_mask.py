@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from timm.layers import LayerScale, LayerScale2d
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten
@@ -700,6 +701,12 @@ class SpartaMaskCallback(Callback):
                     f"{shorten(missing)}. Give it every parameter of the module (e.g. `self.parameters()`)."
                 )
         new_modules = sparsify_(pl_module, mask)
+        for copy in _averaged_copies(trainer):
+            for name in mask:  # a copy taken after an earlier swap (a second fit) holds sparse layers
+                layer = _get(copy, name)
+                if isinstance(layer, _SPARSE_TYPES):
+                    _replace(copy, name, layer.to_dense())
+            sparsify_(copy, mask)
         self._swapped.update(new_modules)
         self._scored.update(new_modules)  # drop the references to the dense layers (and their weights)
         for name, module in new_modules.items():
@@ -917,6 +924,24 @@ class SpartaMaskCallback(Callback):
             self._partial_scores = {name: s.detach().cpu() for name, s in trainer.strategy.scoring_sums.items()}
             trainer.strategy.end_scoring()
             self._scoring_active = False
+
+
+def _averaged_copies(trainer: pl.Trainer) -> list[nn.Module]:
+    """The copies of the module that weight-averaging callbacks average the training weights into.
+
+    Lightning's ``WeightAveraging``/``EMAWeightAveraging`` keep an ``AveragedModel`` of the module and
+    ``StochasticWeightAveraging`` a deep copy; both pair the copy's parameters and buffers with the
+    module's by position, so the copy must be swapped exactly like the module (the same rows), or the
+    pairs no longer line up: a shape error, or a silently wrong average where shapes happen to agree.
+    """
+    copies = []
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None)
+        if isinstance(average, AveragedModel):
+            average = average.module
+        if isinstance(average, nn.Module):
+            copies.append(average)
+    return copies
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

@@ -23,6 +23,7 @@ are refused with :class:`UnsupportedForwardError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,6 +131,7 @@ class _SparseLayer(nn.Module):
     """
 
     _dense_type: type[nn.Module]
+    _index_name: str  # the attribute holding the trainable entries' indices ("rows" or "indices")
     weight_old: torch.Tensor
     bias: nn.Parameter | None
 
@@ -138,6 +140,23 @@ class _SparseLayer(nn.Module):
         self._read_geometry(layer)
         self.register_buffer("weight_old", layer.weight.detach().clone(), persistent=False)
         self.register_parameter("bias", layer.bias)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The indices of the trainable entries (``rows`` or ``indices``): structure, not state.
+
+        They are a plain attribute that moves with the module (``.to``, ``.cuda``), not a buffer:
+        whatever treats buffers as state to update would corrupt them. An ``AveragedModel`` (Lightning's
+        ``EMAWeightAveraging``/``WeightAveraging``) averages integer buffers in floating point and
+        truncates (with ``decay=0.9``, a quarter of 5,000 row indices came back one lower), then copies
+        them into the model being trained.
+        """
+        return getattr(self, self._index_name)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _SparseLayer:
+        super()._apply(fn, recurse)
+        setattr(self, self._index_name, fn(self.index))  # fn casts floating-point tensors only
+        return self
 
     # Implemented by the geometry mixins.
     def _read_geometry(self, layer: nn.Module) -> None:
@@ -366,13 +385,14 @@ class _Conv2dOps:
 class _RowSparse(_SparseLayer):
     """Trains the k selected rows as a stacked ``weight_rows`` Parameter of shape ``[k, ...]``."""
 
+    _index_name = "rows"
     rows: torch.Tensor
 
     def __init__(self, layer: nn.Module, rows: torch.Tensor) -> None:
         check_dense(layer, self._dense_type)
         rows = _validated_rows(rows, layer.weight.shape[0], layer.weight.device)
         super().__init__(layer)
-        self.register_buffer("rows", rows, persistent=False)
+        self.rows = rows  # not a buffer: see `index`
         self.weight_rows = nn.Parameter(self.weight_old.index_select(0, rows))
 
     @property
@@ -414,13 +434,14 @@ class _RowSparse(_SparseLayer):
 class _Masked(_SparseLayer):
     """Trains the masked entries as a flat ``weight_values`` Parameter of shape ``[nnz]``."""
 
+    _index_name = "indices"
     indices: torch.Tensor
 
     def __init__(self, layer: nn.Module, mask: torch.Tensor) -> None:
         check_dense(layer, self._dense_type)
         indices = _validated_mask(mask, layer.weight)
         super().__init__(layer)
-        self.register_buffer("indices", indices, persistent=False)
+        self.indices = indices  # not a buffer: see `index`
         self.weight_values = nn.Parameter(self.weight_old.flatten().index_select(0, indices))
 
     @property
