@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import (
     BatchSizeFinder,
+    Callback,
     GradientAccumulationScheduler,
     LearningRateFinder,
     ModelCheckpoint,
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_sparta import DPStrategy
-from test_strategy import TinyModule, _data, _trainer
+from test_strategy import TinyModule, _clipped_sum_reference, _data, _trainer
 
 # the clipping engines of issue 10: every hole must stay closed on each of them
 CLIPPING = pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
@@ -619,3 +620,61 @@ def test_a_strategy_that_has_taken_steps_refuses_another_runs_checkpoint(tmp_pat
     trainer.fit_loop.max_epochs = 3
     with pytest.raises(ValueError, match=r"another run.*privacy_state"):
         trainer.fit(TinyModule(batch_size=12), ckpt_path=tmp_path / "other.ckpt")
+
+
+# --------------------------------------------------------------------------------------------- 15
+class _GradientWatcher(Callback):
+    """What a gradient-norm logger in ``on_after_backward`` (module or callback) would read."""
+
+    def __init__(self) -> None:
+        self.after_backward: list[dict[str, torch.Tensor | None]] = []
+        self.before_step: list[dict[str, torch.Tensor | None]] = []
+
+    @staticmethod
+    def _grads(module: nn.Module) -> dict[str, torch.Tensor | None]:
+        return {n: None if p.grad is None else p.grad.detach().clone() for n, p in module.named_parameters()}
+
+    def on_after_backward(self, trainer, pl_module):
+        self.after_backward.append(self._grads(pl_module))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before_step.append(self._grads(pl_module))
+
+
+class _NormedModule(TinyModule):
+    """A LayerNorm: its per-sample gradient comes from a grad sampler, so autograd's batch gradient is on it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@CLIPPING
+@pytest.mark.parametrize("physical_batch_size", [None, 5])
+def test_hooks_after_the_backward_pass_see_only_the_private_gradient(clipping, physical_batch_size):
+    """`on_after_backward` (where Lightning users log gradient norms) read autograd's raw batch gradient,
+    not private, on the norm layers and, in the first step, on every parameter: logged each step, the
+    norms of the raw gradients would be published beside a model claimed (ε, δ)-private. The release is
+    now formed before those hooks run. σ = 0 and q = 1: what they see is Σ_i clip(g_i)/n from `torch.func`
+    at every step, the same as `on_before_optimizer_step` sees."""
+    L.seed_everything(0)
+    module = _NormedModule(batch_size=24)  # batch_size == n: q = 1, every sample in every step
+    x, y = module.dataset.tensors
+    watcher = _GradientWatcher()
+    references = []
+
+    class Reference(Callback):  # the clipped sum at the weights each step starts from
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            references.append(_clipped_sum_reference(pl_module, x, y, clip=0.05))
+
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping, physical_batch_size=physical_batch_size
+        )
+    _trainer(strategy, max_epochs=3, callbacks=[Reference(), watcher]).fit(module)
+    assert len(watcher.after_backward) == len(references) == 3
+    for seen, before, expected in zip(watcher.after_backward, watcher.before_step, references, strict=True):
+        for name, grad in seen.items():
+            assert grad is not None, name
+            torch.testing.assert_close(grad, expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
+            torch.testing.assert_close(grad, before[name], msg=name)

@@ -219,6 +219,9 @@ class DPStrategy(DDPStrategy):
         self._low_precision = False
         self._non_private_reason: str | None = None
         self._in_training_step = False
+        # set by optimizer_step until the step's release is formed (in backward, or after the closure)
+        self._release_pending: Optimizer | None = None
+        self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
         self._warned_local_reduce = False
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
         if privacy_state is not None:
@@ -636,22 +639,58 @@ class DPStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         model = model or self.lightning_module
-        with self.engine.capturing(), warnings.catch_warnings():
-            # The first layer's input needs no gradient; its hook then fires on the output alone.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            closure_result = closure()
-        refuse_unclipped_gradients(optimizer, self.engine.parameters, self.lightning_module)
-        self._clip_and_accumulate()
-        if self._scoring is not None:
-            if self._score_step():  # train_while_scoring: the release's non-scored part is a gradient
-                self.precision_plugin._after_closure(model, optimizer)
-                optimizer.step(**kwargs)
-        else:
-            self._noisy_gradient()
+        self._release_pending = optimizer
+        try:
+            with self.engine.capturing(), warnings.catch_warnings():
+                # The first layer's input needs no gradient; its hook then fires on the output alone.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                closure_result = closure()
+            if self._release_pending is not None:  # a closure that ran no backward pass through `backward`
+                self._release(optimizer)
+        finally:
+            self._release_pending = None
+        if self._step_optimizer:  # not a scoring step, or train_while_scoring: the release holds a gradient
             self.precision_plugin._after_closure(model, optimizer)  # on_before_optimizer_step hooks
             optimizer.step(**kwargs)
         self.accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self.sample_rate)
         return closure_result
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
+        """The backward pass, then the step's release, then Lightning's ``on_after_backward`` hooks.
+
+        After the backward pass, autograd's raw batch gradient (not private) sits on every parameter
+        whose per-sample gradient comes from a grad sampler (norm layers, tokens, layers the ghost
+        engine does not cover), and on all of them in the first step (the sum check reads it). The
+        release (clipped sums plus one noise draw, or a scoring step) replaces it before
+        ``on_after_backward`` runs, so a hook that logs gradient norms there sees the private gradient,
+        as one in ``on_before_optimizer_step`` does.
+        """
+        if self._release_pending is None:  # not the last backward pass of a DP step
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        enabled, self.engine.enabled = self.engine.enabled, False  # the release runs no hooked pass
+        try:
+            self._release(self._release_pending)
+        finally:
+            self.engine.enabled = enabled
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # on_after_backward hooks
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _release(self, optimizer: Optimizer) -> None:
+        """Clip the last micro-batch, then write the step's private gradient (or its scores)."""
+        self._release_pending = None
+        refuse_unclipped_gradients(optimizer, self.engine.parameters, self.lightning_module)
+        self._clip_and_accumulate()
+        if self._scoring is not None:
+            self._step_optimizer = self._score_step()  # train_while_scoring: the non-scored part is a gradient
+        else:
+            self._noisy_gradient()
+            self._step_optimizer = True
 
     def _clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm`` and add it to the running sums.
