@@ -458,6 +458,20 @@ def _mapped_allocator() -> str:
     return next((name for name, (library, _) in ALLOCATORS.items() if library.split(".so")[0] in text), "glibc")
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``): results move between machines of one name, e.g. with or
+    without AVX-512, so the header says which one ran."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
     # Lightning's DDP launcher (DPStrategy derives from DDPStrategy) sets torch's thread count to
     # cpu_count/processes unless OMP_NUM_THREADS is set: pin it for every row alike.
@@ -679,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     models, rows = args.models.split(","), [r for r in ROWS if r in args.rows.split(",")]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs, torch kernels {_cpu_capability()}"
     if args.device == "cuda":
         machine = torch.cuda.get_device_name()
     header = (
