@@ -96,6 +96,9 @@ def fake_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({"selector": "magnitude", "scoring_epochs": 2}, "`train_while_scoring`/`scoring_epochs`"),
         ({"train_while_scoring": 1}, "`train_while_scoring`"),
         ({"logger": "yes"}, "`logger`"),
+        ({"ema_decay": 1.0}, "`ema_decay`"),
+        ({"ema_decay": 0}, "`ema_decay`"),
+        ({"ema_decay": True}, "`ema_decay`"),
     ],
 )
 def test_transfer_config_rejects_bad_values(kwargs: dict, match: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_sparta.callbacks.privacy_budget import PrivacyBudgetCallback
@@ -130,6 +130,9 @@ class TransferConfig:
         physical_batch_size: Micro-batch size (``None``: the whole logical batch in one pass).
         lr: Peak SGD learning rate.
         momentum: SGD momentum.
+        ema_decay: Average the weights with Lightning's ``EMAWeightAveraging(decay=ema_decay)`` after every
+            optimizer step, and validate and test the average (post-processing: ε is unchanged); ``None``:
+            the last weights.
         lr_warmup_epochs: Linear learning-rate warm-up in epochs; ``None``: one epoch when ``epochs > 2``,
             else none (the main job's rule).
         train_subset: Use only this many private training examples (``None``: all of them).
@@ -177,6 +180,7 @@ class TransferConfig:
     lr: float = 0.1
     momentum: float = 0.9
     lr_warmup_epochs: float | None = None
+    ema_decay: float | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     pretrain_epochs: int = 3
@@ -251,6 +255,10 @@ class TransferConfig:
                 f"`scoring_epochs` must be an integer in [1, mask_epoch + 1] = [1, {self.mask_epoch + 1}], "
                 f"got {self.scoring_epochs!r}."
             )
+        if self.ema_decay is not None and not (
+            isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool) and 0 < self.ema_decay < 1
+        ):
+            raise ValueError(f"`ema_decay` must be None or a number in (0, 1), got {self.ema_decay!r}.")
         if self.clipping not in CLIPPING_MODES:
             raise ValueError(f"`clipping` must be one of {list(CLIPPING_MODES)}, got {self.clipping!r}.")
         if self.warmup not in ("bitfit", "full"):
@@ -422,6 +430,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         callbacks.append(LearningRateMonitor("step"))
     if config.checkpoint:
         callbacks.append(ModelCheckpoint(save_last=True))
+    if config.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
     validation: dict[str, Any] = {} if config.validate else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
     trainer = L.Trainer(
         max_epochs=config.epochs,
