@@ -2,7 +2,8 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded; CLIPPING: DPStrategy's clipping engine, per_sample by default)
+(MODE: train | noise | sparta | unseeded | unseeded_sparse;
+CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
 import os
@@ -50,20 +51,26 @@ class IndexedModule(L.LightningModule):
 
 
 def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
-    if mode == "unseeded":
+    unseeded = mode.startswith("unseeded")
+    if unseeded:
         # no seed_everything: every rank builds its model from different random weights and buffers
         torch.manual_seed(1000 + int(os.environ.get("LOCAL_RANK", 0)))
     else:
         L.seed_everything(0)
     module = IndexedModule(zero_loss=mode == "noise", width=400 if mode == "noise" else 8)
+    if mode == "unseeded_sparse":  # a layer made row-sparse by hand, with different rows on every rank
+        from lightning_sparta.sparse import sparsify_
+
+        sparsify_(module, {"net.0": torch.randperm(8)[:3]})
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    rows = module.net[0].rows.clone() if mode == "unseeded_sparse" else None
     callbacks = []
     if mode == "sparta":
         from lightning_sparta import SpartaMaskCallback
 
         callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
     # micro-batches of 2: ranks run different numbers of training_step calls (see the log call above)
-    seed = None if mode == "unseeded" else 123
+    seed = None if unseeded else 123
     strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=seed, physical_batch_size=2, clipping=clipping)
     trainer = L.Trainer(
         strategy=strategy,
@@ -90,6 +97,8 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         "indices": module.indices,
         "num_batches": trainer.num_training_batches,
         "mask": {k: v.clone() for k, v in callbacks[0].mask.items()} if callbacks else None,
+        "initial_rows": rows,
+        "rows": module.net[0].rows.clone() if rows is not None else None,
     }
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
 

@@ -114,3 +114,15 @@ def test_unseeded_ranks_start_from_rank_zero_weights(tmp_path):
         if name == "offset":
             assert torch.equal(p, r0["initial"][name])
     assert r0["epsilon"] == r1["epsilon"]
+
+
+def test_unseeded_ranks_train_rank_zero_rows_of_a_sparse_layer(tmp_path):
+    """A layer made row-sparse by hand before fit, with different rows on every rank: the rows (an attribute
+    of the layer, not a buffer) are broadcast from rank 0 with the weights, so both ranks train the same
+    rows of the same model."""
+    r0, r1 = _run(tmp_path, "unseeded_sparse", "auto")
+    assert not torch.equal(r0["initial_rows"], r1["initial_rows"])  # they did start apart
+    assert torch.equal(r0["rows"], r0["initial_rows"])
+    assert torch.equal(r1["rows"], r0["initial_rows"])
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
