@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import (
     BatchSizeFinder,
     Callback,
+    EMAWeightAveraging,
     GradientAccumulationScheduler,
     LearningRateFinder,
     ModelCheckpoint,
@@ -560,6 +561,35 @@ def test_stochastic_weight_averaging_is_refused_with_batchnorm_and_trains_withou
     swa = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
     _trainer(strategy, max_epochs=3, callbacks=[swa]).fit(module)
     assert strategy.steps == 3 * strategy.steps_per_epoch
+
+
+def test_weight_averaging_trains_a_model_with_batchnorm():
+    """The refusal's suggestion: Lightning's EMA averages the (frozen) statistics with the weights and takes
+    no extra epoch; the statistics stay those of the pretrained model."""
+    module = _WithBatchNorm()
+    stats = module.net[1].running_mean.clone()
+    strategy = DPStrategy(noise_multiplier=1.0)
+    _trainer(strategy, max_epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)]).fit(module)
+    assert strategy.steps == 2 * strategy.steps_per_epoch
+    assert torch.equal(module.net[1].running_mean, stats)
+
+
+def test_model_pruning_is_refused_before_it_breaks_a_step():
+    """Lightning's ModelPruning reparametrises the pruned weights mid-run (`weight_orig * weight_mask`);
+    the next step failed with a bare `KeyError: 'weight'` inside the hooks. Refused at fit start, and a
+    module pruned by hand before fit is refused by name."""
+    from lightning.pytorch.callbacks import ModelPruning
+    from torch.nn.utils import prune
+
+    trainer = _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=2, callbacks=[ModelPruning("l1_unstructured")])
+    with pytest.raises(ValueError, match=r"ModelPruning is not supported.*Prune after training"):
+        trainer.fit(TinyModule(batch_size=12))
+    module = TinyModule(batch_size=12)
+    prune.l1_unstructured(module.net[0], "weight", amount=0.3)
+    with pytest.raises(ValueError, match=r"`net\.0` \(Linear\) is pruned.*prune\.remove"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+    prune.remove(module.net[0], "weight")  # permanent: an ordinary (sparse-valued) weight trains
+    _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
 
 
 # --------------------------------------------------------------------------------------------- 14

@@ -67,6 +67,8 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
     - ``GradientAccumulationScheduler`` sets ``accumulate_grad_batches`` during the run.
     - ``StochasticWeightAveraging`` on a model with BatchNorm recomputes the running statistics in an
       extra epoch over the training data.
+    - ``ModelPruning`` reparametrises weights during the run (``weight = weight_orig * weight_mask``),
+      which no per-sample gradient path follows.
 
     Raises:
         ValueError: naming the callback and what to do instead.
@@ -75,6 +77,7 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
         BatchSizeFinder,
         GradientAccumulationScheduler,
         LearningRateFinder,
+        ModelPruning,
         StochasticWeightAveraging,
     )
 
@@ -103,6 +106,14 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
                 "but the last batch of each window. Use `DPStrategy(physical_batch_size=...)` to split "
                 "large logical batches."
             )
+        if isinstance(callback, ModelPruning):
+            raise ValueError(
+                f"DPStrategy: {name} is not supported: at each pruning it replaces the pruned weights by "
+                "`<name>_orig * <name>_mask`, computed before every forward, and the trainable `<name>_orig` "
+                "has no per-sample gradient path (the next step would be refused). Prune after training (the "
+                "weights are private, so pruning them is post-processing), or train a private sparse subset "
+                "of rows with SpartaMaskCallback."
+            )
         batchnorm = _batchnorm_layers(module) if isinstance(callback, StochasticWeightAveraging) else []
         if batchnorm:
             raise ValueError(
@@ -110,8 +121,8 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
                 "it resets the running statistics and recomputes them in an extra epoch over the training "
                 "data, which would release statistics of private data without noise (DPStrategy keeps "
                 "BatchNorm frozen, so they would stay reset instead, silently breaking the model), and that "
-                "epoch's steps are not in the plan ε was set for. Average the weights yourself "
-                "(`torch.optim.swa_utils.AveragedModel`) and recompute the statistics on public data."
+                "epoch's steps are not in the plan ε was set for. Lightning's `WeightAveraging` (the equal "
+                "average, as SWA) or `EMAWeightAveraging` average the frozen statistics with the weights instead."
             )
 
 

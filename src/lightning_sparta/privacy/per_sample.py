@@ -60,6 +60,7 @@ import torch
 from lightning.pytorch import LightningModule
 from opacus.grad_sample import GradSampleModule
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sparta._logging import shorten
@@ -305,6 +306,16 @@ class PerSampleGradients:
                     f"`{name or '<root>'}` ({type(module).__name__}) has `batch_first=False`: its inputs, and those of "
                     "the layers around it, are [tokens, batch, features], so per-sample gradients (taken along the "
                     "first dimension) would be per token. Build it with `batch_first=True`, or freeze its parameters."
+                )
+            pruned = [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, BasePruningMethod)]
+            if own and pruned:
+                raise ValueError(
+                    f"`{name or '<root>'}` ({type(module).__name__}) is pruned with `torch.nn.utils.prune` "
+                    f"(Lightning's ModelPruning): {shorten(pruned)} is recomputed as `<name>_orig * <name>_mask` "
+                    "before each forward, so the trainable parameter is `<name>_orig`, which its per-sample "
+                    "gradient path does not know. "
+                    "Make the pruning permanent first (`torch.nn.utils.prune.remove(module, name)`), then train; "
+                    "SpartaMaskCallback trains a sparse subset of rows privately."
                 )
             if not own:
                 continue
