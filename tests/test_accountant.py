@@ -329,3 +329,20 @@ def test_no_warning_for_unknown_dataset_size() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_delta_too_large(0.5, 0)
+
+
+def test_calibration_with_a_history_bounds_the_total():
+    """With steps already spent, σ is the smallest (to the tolerance) whose new steps keep the *total* at or
+    below the target; a history that has spent the target is refused whatever σ."""
+    from lightning_sparta.privacy.accountant import BudgetSpentError
+
+    history = [(1.5, 0.02, 300)]
+    spent = epsilon_for(history, 1e-5, "rdp")
+    assert 0.5 < spent < 2.0
+    sigma = calibrate_noise_multiplier(2.0, 1e-5, 0.02, 500, "rdp", tolerance=0.01, history=history)
+    total = epsilon_for([*history, (sigma, 0.02, 500)], 1e-5, "rdp")
+    assert 2.0 - 0.01 <= total <= 2.0
+    assert epsilon_for([*history, (sigma * 0.99, 0.02, 500)], 1e-5, "rdp") > 2.0  # the smallest such σ
+    assert sigma > calibrate_noise_multiplier(2.0, 1e-5, 0.02, 500, "rdp", tolerance=0.01)
+    with pytest.raises(BudgetSpentError, match=r"target_epsilon=0.5 is spent: the 300 steps already accounted"):
+        calibrate_noise_multiplier(0.5, 1e-5, 0.02, 500, "rdp", history=history)

@@ -708,3 +708,57 @@ def test_hooks_after_the_backward_pass_see_only_the_private_gradient(clipping, p
             assert grad is not None, name
             torch.testing.assert_close(grad, expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
             torch.testing.assert_close(grad, before[name], msg=name)
+
+
+# --------------------------------------------------------------------------------------------- 16
+def _epochs_fit(strategy: DPStrategy, epochs: int, trainer: L.Trainer | None = None) -> L.Trainer:
+    trainer = trainer if trainer is not None else _trainer(strategy, max_epochs=epochs)
+    trainer.fit_loop.max_epochs = epochs
+    trainer.fit(TinyModule(dataset=_data(48), batch_size=8))
+    return trainer
+
+
+def test_a_second_fit_stays_within_target_epsilon():
+    """`target_epsilon` is a budget for the whole history. A second fit with the same Trainer and a raised
+    max_epochs recalibrated σ as if nothing had been spent, and for all 4 epochs although only 2 were left:
+    ε ended at 2.39 for a target of 2, with one INFO line. Now the new steps are calibrated together with the
+    history, with a warning, and the total is checked with the accountant by hand."""
+    from lightning_sparta.privacy.accountant import epsilon_for
+
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-5, seed=3)
+    trainer = _epochs_fit(strategy, 2)
+    first_sigma, first_steps = strategy.noise_multiplier, strategy.steps
+    with pytest.warns(UserWarning, match=r"bounds the whole history.*12 steps already accounted"):
+        _epochs_fit(strategy, 4, trainer)
+    assert strategy.steps == 2 * first_steps == 24
+    second = [(s, q, n) for s, q, n in strategy.accountant.history if s != first_sigma]
+    assert sum(n for _, _, n in second) == first_steps  # calibrated for the 2 epochs left, not for 4
+    total = epsilon_for([(first_sigma, strategy.sample_rate, 12), *second], 1e-5, "prv")
+    assert total == pytest.approx(strategy.epsilon())
+    assert total <= 2.0
+
+
+def test_target_epsilon_composes_with_a_privacy_state():
+    """A strategy continuing another run's `privacy_state` calibrates σ so that the total meets
+    `target_epsilon`, and refuses before any step when the history alone has spent it."""
+    from lightning_sparta.privacy.accountant import BudgetSpentError, epsilon_for
+
+    earlier = DPStrategy(noise_multiplier=4.0, seed=1)
+    _epochs_fit(earlier, 1)
+    state = earlier.privacy_state()
+    spent = earlier.epsilon()
+    assert 0 < spent < 1.0
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-5, seed=2, privacy_state=state)
+    with pytest.warns(UserWarning, match="bounds the whole history"):
+        _epochs_fit(strategy, 2)
+    total = epsilon_for(strategy.accountant.history, 1e-5, "prv")
+    assert 2.0 - strategy.epsilon_tolerance - 1e-9 <= total <= 2.0
+    assert strategy.steps == earlier.steps + 12
+
+    loose = DPStrategy(noise_multiplier=0.7, seed=1)
+    _epochs_fit(loose, 2)
+    assert loose.epsilon() > 2.0
+    refused = DPStrategy(target_epsilon=2.0, target_delta=1e-5, seed=2, privacy_state=loose.privacy_state())
+    with pytest.raises(BudgetSpentError, match=r"target_epsilon=2 is spent.*12 steps already accounted"):
+        _epochs_fit(refused, 2)
+    assert refused.steps == loose.steps

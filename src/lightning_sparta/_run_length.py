@@ -27,8 +27,11 @@ def note_max_epochs(trainer: pl.Trainer) -> None:
         trainer.__dict__[_MAX_EPOCHS_UNSET] = False  # set by the user (a refit keeps "unset")
 
 
-def planned_steps(trainer: pl.Trainer) -> int:
+def planned_steps(trainer: pl.Trainer, done_epochs: int = 0, done_steps: int = 0) -> int:
     """The number of optimizer steps ``trainer`` will take: the smaller of its epoch and step limits.
+
+    ``done_epochs``/``done_steps``: what the trainer's loops already ran (a second ``fit`` with the same
+    Trainer continues them: a raised ``max_epochs`` trains only the new epochs); the result is what is left.
 
     Raises:
         ValueError: when the run has no limit, its limit cannot be told from Lightning's default, or its
@@ -55,6 +58,7 @@ def planned_steps(trainer: pl.Trainer) -> int:
         )
     if not math.isfinite(per_epoch):
         raise ValueError("`target_epsilon` needs a training loader of known length.")
-    epoch_steps = None if unbounded else max_epochs * int(per_epoch)
-    candidates = [s for s in (epoch_steps, max_steps if max_steps != -1 else None) if s is not None]
-    return min(candidates)
+    epoch_steps = None if unbounded else (max_epochs - done_epochs) * int(per_epoch)
+    step_limit = max_steps - done_steps if max_steps != -1 else None
+    candidates = [s for s in (epoch_steps, step_limit) if s is not None]
+    return max(0, min(candidates))

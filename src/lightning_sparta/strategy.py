@@ -496,17 +496,29 @@ class DPStrategy(DDPStrategy):
             self._non_private_reason = state.get("non_private_reason")
             self._check_resumed_plan(trainer)
         elif self.target_epsilon is not None:
-            steps = planned_steps(trainer)
-            sigma = calibrate_noise_multiplier(
-                self.target_epsilon,
-                self.target_delta,
-                self.sample_rate,
-                steps,
-                self.accountant_name,
-                self.epsilon_tolerance,
-            )
-            self._noise_multiplier = float(self.broadcast(sigma))
-            info(_log, self._calibration_banner(steps))
+            # a second fit with the same Trainer continues its loops: only the steps left are taken, and
+            # target_epsilon bounds them together with the history (an earlier fit, a privacy_state)
+            steps = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
+            if steps > 0:
+                sigma = calibrate_noise_multiplier(
+                    self.target_epsilon,
+                    self.target_delta,
+                    self.sample_rate,
+                    steps,
+                    self.accountant_name,
+                    self.epsilon_tolerance,
+                    history=self.accountant.history,
+                )
+                self._noise_multiplier = float(self.broadcast(sigma))
+                info(_log, self._calibration_banner(steps))
+                if self.steps:
+                    spent = epsilon_for(self.accountant.history, self.target_delta, self.accountant_name)
+                    rank_zero_user_warn(
+                        f"DPStrategy: target_epsilon={self.target_epsilon:g} bounds the whole history: the "
+                        f"{self.steps} steps already accounted spent ε = {spent:.4f}, so the {steps} new steps get "
+                        f"σ = {self._noise_multiplier:.4f} and the run ends at ε = {self.epsilon_after(steps):.4f}. "
+                        "Raise `target_epsilon` to the total you accept to train them with less noise."
+                    )
         self._refresh_hooks()
         self._report_paths(trainer)
 
@@ -527,16 +539,13 @@ class DPStrategy(DDPStrategy):
 
     def _calibration_banner(self, steps: int) -> str:
         """What the calibrated plan reaches, computed by the accountant (never the target echoed back)."""
-        plan = [(self._noise_multiplier, self.sample_rate, steps)]
-        reached = epsilon_for(plan, self.target_delta, self.accountant_name)
-        text = (
+        reached = self.epsilon_after(steps)  # the history (second fit, privacy_state) composed with the plan
+        after = f" after the {self.steps} already accounted" if self.steps else ""
+        return (
             f"DPStrategy: σ = {self._noise_multiplier:.4f} (calibrated for target_epsilon={self.target_epsilon:g}, "
-            f"tolerance {self.epsilon_tolerance:g}): {steps} steps at q = {self.sample_rate:.5f} reach "
-            f"ε = {reached:.4f} at δ = {self.target_delta:g} ({self.accountant_name})"
+            f"tolerance {self.epsilon_tolerance:g}): {steps} steps at q = {self.sample_rate:.5f}{after} reach "
+            f"ε = {reached:.4f} at δ = {self.target_delta:g} ({self.accountant_name})."
         )
-        if self.steps:  # a history carried over (second fit, privacy_state): the accountant composes both
-            text += f"; with the {self.steps} steps already accounted, ε will end at {self.epsilon_after(steps):.4f}"
-        return text + "."
 
     def _check_resumed_plan(self, trainer: pl.Trainer) -> None:
         """Warn when a resumed run, longer than the one σ was calibrated for, will overshoot its target ε."""

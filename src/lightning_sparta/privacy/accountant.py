@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Literal, get_args
 
 import torch
@@ -30,6 +31,12 @@ _ACCOUNTANTS: dict[str, type[IAccountant]] = {
 
 # Opacus' own search bound for σ; a budget that needs more noise than this is unreachable in practice.
 _MAX_SIGMA = 1e6
+
+
+class BudgetSpentError(ValueError):
+    """``target_epsilon`` is already spent by the steps accounted before this run."""
+
+
 #: The largest ``target_epsilon`` accepted: e^100 ≈ 2.7e43 bounds nothing in practice, and the accountants
 #: become slow (PRV: tens of seconds per ε) and then overflow float64 as σ → 0.
 MAX_TARGET_EPSILON = 100.0
@@ -125,6 +132,7 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "prv",
     tolerance: float = 0.01,
+    history: Iterable[tuple[float, float, int]] = (),
 ) -> float:
     """The smallest σ (to ``tolerance`` in ε) such that ``steps`` steps at rate ``q`` cost at most ε.
 
@@ -138,6 +146,8 @@ def calibrate_noise_multiplier(
         steps: number of private steps the run will take (training and scoring steps alike).
         accountant: the accountant's name.
         tolerance: how far below ``target_epsilon`` the result may land.
+        history: ``(σ, q, steps)`` already spent (an earlier fit, a ``privacy_state``): the ``steps`` new
+            steps compose with it, and ``target_epsilon`` bounds the total.
 
     Returns:
         The noise multiplier σ.
@@ -153,9 +163,18 @@ def calibrate_noise_multiplier(
     if steps <= 0:
         raise ValueError(f"`steps` must be positive to calibrate σ, got {steps}.")
     validate_target_epsilon(target_epsilon)
+    history = [tuple(h) for h in history]
+    spent = epsilon_for(history, delta, accountant) if history else 0.0
+    if spent >= target_epsilon:
+        raise BudgetSpentError(
+            f"target_epsilon={target_epsilon:g} is spent: the {sum(h[2] for h in history)} steps already "
+            f"accounted reach ε = {spent:.4f} at δ = {delta:g}, and {steps} more steps would exceed it whatever "
+            "σ. Raise `target_epsilon` to the total you accept, or set `noise_multiplier` to continue with a "
+            "chosen σ (ε is accounted either way)."
+        )
 
     def eps(sigma: float) -> float:
-        return epsilon_for([(sigma, sample_rate, steps)], delta, accountant)
+        return epsilon_for([*history, (sigma, sample_rate, steps)], delta, accountant)
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
@@ -295,6 +314,7 @@ __all__ = [
     "ACCOUNTANT_NAMES",
     "MAX_TARGET_EPSILON",
     "AccountantName",
+    "BudgetSpentError",
     "calibrate_noise_multiplier",
     "create_accountant",
     "epsilon_for",
