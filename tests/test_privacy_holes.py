@@ -762,3 +762,43 @@ def test_target_epsilon_composes_with_a_privacy_state():
     with pytest.raises(BudgetSpentError, match=r"target_epsilon=2 is spent.*12 steps already accounted"):
         _epochs_fit(refused, 2)
     assert refused.steps == loose.steps
+
+
+# --------------------------------------------------------------------------------------------- 17
+class _Tokens(L.LightningModule):
+    """Token ids averaged through an embedding: what a ViT patch-token lookup or a text head does."""
+
+    def __init__(self, max_norm: float | None):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, max_norm=max_norm)
+        with torch.no_grad():
+            self.emb.weight.mul_(10)  # every row longer than max_norm
+        self.head = nn.Linear(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.emb(x).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 25, (40, 5), generator=g), torch.randint(0, 3, (40,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_embeddings_that_renormalise_in_place_are_refused(frozen):
+    """`nn.Embedding(max_norm=...)` rescales the rows it looks up in place during the forward pass: trained
+    on token ids 0-24, rows 0-24 (those drawn) came out changed and rows 25-49 not, frozen or not, so the
+    released weights listed the private batches' indices without noise. Refused before any forward."""
+    from lightning_sparta.privacy.validation import IncompatibleModelError
+
+    module = _Tokens(max_norm=1.0)
+    module.emb.weight.requires_grad_(not frozen)
+    before = module.emb.weight.detach().clone()
+    with pytest.raises(IncompatibleModelError, match=r"max_norm.*in place.*: emb\."):
+        _trainer(DPStrategy(noise_multiplier=1.0, seed=1)).fit(module)
+    assert torch.equal(module.emb.weight, before)
+    _trainer(DPStrategy(noise_multiplier=1.0, seed=1)).fit(_Tokens(max_norm=None))  # without it: trains

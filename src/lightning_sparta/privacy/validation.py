@@ -50,6 +50,20 @@ def incompatible_layers(model: nn.Module, batchnorm: BatchNormMode = "refuse") -
     }
 
 
+def renormalising_embeddings(model: nn.Module) -> list[str]:
+    """``nn.Embedding``/``nn.EmbeddingBag`` layers of ``model`` built with ``max_norm``.
+
+    Their forward renormalises the rows it looks up, in place: after training, which rows moved tells
+    which indices the private batches held, whether or not the weight is trainable.
+
+    Example:
+        >>> renormalising_embeddings(nn.ModuleDict({"a": nn.Embedding(9, 2, max_norm=1.0), "b": nn.Embedding(9, 2)}))
+        ['a']
+    """
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds) and m.max_norm is not None]
+
+
 def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> None:
     """Raise :class:`IncompatibleModelError` naming every layer that DP-SGD cannot make private.
 
@@ -58,6 +72,14 @@ def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> Non
         batchnorm: ``"refuse"`` refuses every BatchNorm layer; ``"freeze"`` accepts those whose running
             statistics can be frozen (:func:`prepare_model` freezes them).
     """
+    renormalising = renormalising_embeddings(model)
+    if renormalising:
+        raise IncompatibleModelError(
+            f"Embedding layers with `max_norm` renormalise the rows they look up, in place, during the forward "
+            f"pass: {shorten(renormalising)}. The weights after training would show which indices the private "
+            "batches held, even for a frozen layer, with no noise. Build them with `max_norm=None` and, if you "
+            "need the bound, rescale the looked-up vectors in your forward instead (out of place)."
+        )
     bad = incompatible_layers(model, batchnorm)
     if not bad:
         return
@@ -103,5 +125,6 @@ __all__ = [
     "IncompatibleModelError",
     "incompatible_layers",
     "prepare_model",
+    "renormalising_embeddings",
     "validate_model",
 ]
