@@ -592,6 +592,26 @@ def test_model_pruning_is_refused_before_it_breaks_a_step():
     _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "parametrize_weight_norm", "orthogonal"])
+def test_reparametrised_weights_are_refused_by_name(kind):
+    """Weight/spectral normalisation and `torch.nn.utils.parametrize` recompute the weight from other
+    tensors before each forward. Refused before (by the batch-dimension or sum checks, with messages about
+    reshaped batches or parameters used outside their module); now named for what they are."""
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+    module = TinyModule(batch_size=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        {
+            "weight_norm": weight_norm,
+            "spectral_norm": spectral_norm,
+            "parametrize_weight_norm": parametrizations.weight_norm,
+            "orthogonal": parametrizations.orthogonal,
+        }[kind](module.net[0])
+    with pytest.raises(ValueError, match=r"`net\.0` \(\w*Linear\) recomputes its weights.*remove"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+
+
 # --------------------------------------------------------------------------------------------- 14
 class _Updates(L.Callback):
     """Each step's parameter update and the inputs of its batch."""

@@ -60,7 +60,10 @@ import torch
 from lightning.pytorch import LightningModule
 from opacus.grad_sample import GradSampleModule
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sparta._logging import shorten
@@ -116,6 +119,33 @@ def register_functional_children(module_type: type[nn.Module], children: Iterabl
     their own.
     """
     _FUNCTIONAL_CHILDREN[module_type] = tuple(children)
+
+
+def _reparametrisation(module: nn.Module) -> str | None:
+    """Why ``module``'s weights cannot be trained privately as they are, when they are recomputed before each
+    forward from other tensors (pruning, weight or spectral normalisation, ``torch.nn.utils.parametrize``);
+    ``None`` otherwise. No per-sample gradient path follows such a recomputation."""
+    hooks = list(module._forward_pre_hooks.values())
+    pruned = [h._tensor_name for h in hooks if isinstance(h, BasePruningMethod)]
+    if pruned:
+        return (
+            f"is pruned with `torch.nn.utils.prune` (Lightning's ModelPruning): {shorten(pruned)} is recomputed as "
+            "`<name>_orig * <name>_mask` before each forward, so the trainable parameter is `<name>_orig`, which "
+            "its per-sample gradient path does not know. Make the pruning permanent first "
+            "(`torch.nn.utils.prune.remove(module, name)`), then train; SpartaMaskCallback trains a sparse "
+            "subset of rows privately."
+        )
+    normalised = [type(h).__name__ for h in hooks if isinstance(h, (WeightNorm, SpectralNorm))]
+    if parametrize.is_parametrized(module):
+        normalised += [f"parametrize: {name}" for name in module.parametrizations]
+    if normalised:
+        return (
+            f"recomputes its weights from other tensors before each forward ({', '.join(normalised)}), and no "
+            "per-sample gradient path follows that computation to the trainable tensors. Remove the "
+            "reparametrisation before training (`torch.nn.utils.parametrize.remove_parametrizations`, "
+            "`torch.nn.utils.remove_weight_norm`, `remove_spectral_norm`), or freeze the module."
+        )
+    return None
 
 
 def functional_children(module: nn.Module) -> tuple[str, ...]:
@@ -307,16 +337,9 @@ class PerSampleGradients:
                     "the layers around it, are [tokens, batch, features], so per-sample gradients (taken along the "
                     "first dimension) would be per token. Build it with `batch_first=True`, or freeze its parameters."
                 )
-            pruned = [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, BasePruningMethod)]
-            if own and pruned:
-                raise ValueError(
-                    f"`{name or '<root>'}` ({type(module).__name__}) is pruned with `torch.nn.utils.prune` "
-                    f"(Lightning's ModelPruning): {shorten(pruned)} is recomputed as `<name>_orig * <name>_mask` "
-                    "before each forward, so the trainable parameter is `<name>_orig`, which its per-sample "
-                    "gradient path does not know. "
-                    "Make the pruning permanent first (`torch.nn.utils.prune.remove(module, name)`), then train; "
-                    "SpartaMaskCallback trains a sparse subset of rows privately."
-                )
+            reparametrised = _reparametrisation(module)
+            if reparametrised and any(p.requires_grad for p in module.parameters()):
+                raise ValueError(f"`{name or '<root>'}` ({type(module).__name__}) {reparametrised}")
             if not own:
                 continue
             broadcast = [n for n in _BROADCAST_PARAMETERS.get(type(module), ()) if n in dict(own)]
