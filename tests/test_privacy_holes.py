@@ -822,3 +822,50 @@ def test_embeddings_that_renormalise_in_place_are_refused(frozen):
         _trainer(DPStrategy(noise_multiplier=1.0, seed=1)).fit(module)
     assert torch.equal(module.emb.weight, before)
     _trainer(DPStrategy(noise_multiplier=1.0, seed=1)).fit(_Tokens(max_norm=None))  # without it: trains
+
+
+# --------------------------------------------------------------------------------------------- 18
+class _InstanceNormed(L.LightningModule):
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(2, 4, 3, padding=1), norm, nn.Linear(4 * 16, 3)
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(24, 2, 4, 4, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=24)
+
+
+def test_instance_norm_trains_and_its_running_statistics_are_refused():
+    """InstanceNorm normalises each sample on its own, so it is private; but the first-step sum check refused
+    it, because the conv bias before it gets a gradient that cancels to rounding (1.6e-7 against 1.1e-7 of
+    error). With `track_running_stats=True` it updates running statistics from every batch, released
+    without noise: refused by name. σ = 0, q = 1: the step equals Σ clip(g_i)/n from `torch.func`."""
+    from lightning_sparta.privacy.validation import IncompatibleModelError
+
+    tracking = _InstanceNormed(nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    before = tracking.norm.running_mean.clone()
+    with pytest.raises(IncompatibleModelError, match=r"track_running_stats=True.*without noise: norm\."):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(tracking)
+    assert torch.equal(tracking.norm.running_mean, before)
+
+    L.seed_everything(0)
+    module = _InstanceNormed(nn.InstanceNorm2d(4, affine=True))
+    x, y = module.data.tensors
+    expected = _clipped_sum_reference(module, x, y, clip=0.05)
+    start = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05)
+    _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(start[name] - p.detach(), expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)

@@ -80,6 +80,17 @@ def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> Non
             "batches held, even for a frozen layer, with no noise. Build them with `max_norm=None` and, if you "
             "need the bound, rescale the looked-up vectors in your forward instead (out of place)."
         )
+    tracking = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats
+    ]
+    if tracking:
+        raise IncompatibleModelError(
+            f"InstanceNorm with `track_running_stats=True` updates running statistics from every training batch, "
+            f"which would be released without noise: {shorten(tracking)}. Build it with "
+            "`track_running_stats=False` (the default): its per-sample normalisation is private."
+        )
     bad = incompatible_layers(model, batchnorm)
     if not bad:
         return
