@@ -869,3 +869,49 @@ def test_instance_norm_trains_and_its_running_statistics_are_refused():
     _trainer(strategy, max_steps=1).fit(module)
     for name, p in module.named_parameters():
         torch.testing.assert_close(start[name] - p.detach(), expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- 19
+class _LogsTrainingLoss(TinyModule):
+    def __init__(self, plateau: bool = False, **kwargs):
+        super().__init__(batch_size=12, **kwargs)
+        self.plateau = plateau
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        if not self.plateau:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "train_loss_epoch"}}
+
+
+def test_decisions_from_metrics_of_private_batches_are_named(tmp_path):
+    """EarlyStopping, ModelCheckpoint or ReduceLROnPlateau monitoring a loss that `training_step` logs decide
+    from private data without noise (when to stop, which checkpoint to keep, the learning rate): a warning
+    names them once; a monitor of something else (ε, a validation metric) is left alone."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def fit(module, callbacks=(), **kwargs):
+        strategy = DPStrategy(noise_multiplier=1.0)
+        trainer = _trainer(strategy, max_epochs=2, callbacks=list(callbacks), default_root_dir=tmp_path, **kwargs)
+        trainer.fit(module)
+
+    stop = EarlyStopping(monitor="train_loss_epoch", patience=100)
+    keep = ModelCheckpoint(dirpath=tmp_path, monitor="train_loss")
+    with pytest.warns(UserWarning, match=r"EarlyStopping on 'train_loss_epoch'; ModelCheckpoint on 'train_loss'"):
+        fit(_LogsTrainingLoss(), [stop, keep], enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"ReduceLROnPlateau on 'train_loss_epoch'.*learning rate"):
+        fit(_LogsTrainingLoss(plateau=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="DPStrategy: .*on '")
+        others = [
+            EarlyStopping(monitor="privacy/epsilon", patience=100, strict=False),
+            ModelCheckpoint(dirpath=tmp_path, monitor="val_loss"),
+        ]
+        fit(_LogsTrainingLoss(), others, enable_checkpointing=True, limit_val_batches=1)

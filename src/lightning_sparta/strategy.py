@@ -64,6 +64,7 @@ from lightning_sparta.privacy.guards import (
     check_one_training_loader,
     check_trainer,
     refuse_unclipped_gradients,
+    warn_private_monitors,
 )
 from lightning_sparta.privacy.noise import rewound_seed, secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
@@ -219,6 +220,7 @@ class DPStrategy(DDPStrategy):
         self._low_precision = False
         self._non_private_reason: str | None = None
         self._in_training_step = False
+        self._monitors_checked = False
         # set by optimizer_step until the step's release is formed (in backward, or after the closure)
         self._release_pending: Optimizer | None = None
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
@@ -486,6 +488,7 @@ class DPStrategy(DDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer = self.lightning_module.trainer
+        self._monitors_checked = False
         if self.sample_rate is None:
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
         check_one_training_loader(trainer.train_dataloader)
@@ -631,6 +634,9 @@ class DPStrategy(DDPStrategy):
             # the first-step sum check compares with autograd's batch gradients: keep them for that pass
             self.engine.skip_ghost_parameter_gradients = not self._verify_next
             output = super().training_step(micro, *rest, **kwargs)
+            if not self._monitors_checked:
+                self._monitors_checked = True
+                warn_private_monitors(self.lightning_module.trainer)
             loss, mean_loss, self.engine.loss_scale = sum_of_losses(output, self._micro_batch_size, self.loss_reduction)
             loss_sum = loss_sum + mean_loss * self._micro_batch_size
             if i < len(micro_batches) - 1:

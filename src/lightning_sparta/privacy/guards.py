@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from lightning_sparta._logging import shorten
+from lightning_sparta._logging import rank_zero_user_warn, shorten
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
 
@@ -124,6 +124,46 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
                 "epoch's steps are not in the plan ε was set for. Lightning's `WeightAveraging` (the equal "
                 "average, as SWA) or `EMAWeightAveraging` average the frozen statistics with the weights instead."
             )
+
+
+def private_monitors(trainer: pl.Trainer) -> dict[str, list[str]]:
+    """Decisions taken from metrics that ``training_step`` logged on private batches: metric → deciders.
+
+    A callback or scheduler with a ``monitor`` (``EarlyStopping``, ``ModelCheckpoint``,
+    ``ReduceLROnPlateau``) acts on the logged value, which is computed without noise: when training
+    stops, which checkpoint is kept or the learning rate then depends on the private data outside the
+    guarantee. Read after the first ``training_step`` of a fit (what it logged is known by then).
+    """
+    logged = {
+        value.meta.name for value in getattr(trainer, "_results", {}).values() if value.meta.fx == "training_step"
+    }
+    names = {variant: name for name in logged for variant in (name, f"{name}_step", f"{name}_epoch")}
+    deciders: list[tuple[str, str]] = [
+        (getattr(callback, "monitor", None), type(callback).__name__) for callback in trainer.callbacks
+    ]
+    deciders += [
+        (config.monitor, type(config.scheduler).__name__)
+        for config in trainer.lr_scheduler_configs
+        if config.reduce_on_plateau
+    ]
+    found: dict[str, list[str]] = {}
+    for monitor, who in deciders:
+        if isinstance(monitor, str) and monitor in names:
+            found.setdefault(monitor, []).append(who)
+    return found
+
+
+def warn_private_monitors(trainer: pl.Trainer) -> None:
+    """Warn (once per fit, rank 0) about :func:`private_monitors`."""
+    found = private_monitors(trainer)
+    if not found:
+        return
+    listed = "; ".join(f"{', '.join(who)} on {metric!r}" for metric, who in found.items())
+    rank_zero_user_warn(
+        f"DPStrategy: {listed}: `training_step` logs this on private batches, without noise, so when training "
+        "stops, which checkpoint is kept or the learning rate depends on the private data outside the (ε, δ) "
+        "guarantee. Monitor a metric of public data, or 'privacy/epsilon'."
+    )
 
 
 def _batch_mixing_types() -> tuple[type, ...]:
