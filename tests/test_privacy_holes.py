@@ -915,3 +915,39 @@ def test_decisions_from_metrics_of_private_batches_are_named(tmp_path):
             ModelCheckpoint(dirpath=tmp_path, monitor="val_loss"),
         ]
         fit(_LogsTrainingLoss(), others, enable_checkpointing=True, limit_val_batches=1)
+
+
+# --------------------------------------------------------------------------------------------- 20
+class _RunningMean(nn.Module):
+    """A hand-written normaliser that tracks the mean of what it sees (no known type to refuse)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
+
+
+def test_a_layer_that_updates_statistics_in_its_forward_is_refused_and_restored():
+    """Any floating-point buffer changed in place by `training_step` is a statistic of private batches
+    released without noise. The known layers are handled by type; a hand-written one trained silently
+    before. Refused at the first step, with the buffer restored; an integer counter is not a statistic."""
+    module = TinyModule(batch_size=12)
+    module.net = nn.Sequential(nn.Linear(6, 8), _RunningMean(8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(RuntimeError, match=r"changed the buffers net\.1\.mean in place.*on_train_batch_end"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+    assert torch.equal(module.net[1].mean, torch.zeros(8))
+
+    class Counted(_RunningMean):
+        def forward(self, x):
+            self.steps.add_(1)  # data-independent: allowed
+            return x - self.mean
+
+    module.net[1] = Counted(8)
+    _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+    assert module.net[1].steps.item() > 0

@@ -63,6 +63,8 @@ from lightning_sparta.privacy.guards import (
     check_no_batch_mixing,
     check_one_training_loader,
     check_trainer,
+    floating_buffer_versions,
+    refuse_changed_buffers,
     refuse_unclipped_gradients,
     warn_private_monitors,
 )
@@ -633,7 +635,11 @@ class DPStrategy(DDPStrategy):
             self._micro_batch_size = batch_size_of(micro)
             # the first-step sum check compares with autograd's batch gradients: keep them for that pass
             self.engine.skip_ghost_parameter_gradients = not self._verify_next
+            # the first step after (re)attaching: no floating-point buffer may change in the forward pass
+            watched = floating_buffer_versions(self.lightning_module) if self._verify_next and i == 0 else None
             output = super().training_step(micro, *rest, **kwargs)
+            if watched is not None:
+                refuse_changed_buffers(self.lightning_module, watched)
             if not self._monitors_checked:
                 self._monitors_checked = True
                 warn_private_monitors(self.lightning_module.trainer)

@@ -126,6 +126,37 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
             )
 
 
+def floating_buffer_versions(module: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """The version counter and a copy of every floating-point buffer of ``module``, by qualified name."""
+    return {name: (b._version, b.detach().clone()) for name, b in module.named_buffers() if b.is_floating_point()}
+
+
+def refuse_changed_buffers(module: nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
+    """Refuse floating-point buffers that ``training_step`` changed in place since ``before``, restoring them.
+
+    A layer that keeps statistics of what it sees (a running mean, a normaliser's estimate) updates them
+    from private batches, and they are released with the weights, without noise. The known layers are
+    handled by type (BatchNorm frozen, InstanceNorm with running statistics refused); this catches the
+    others on the first step. Integer buffers (step counters) are not checked.
+
+    Raises:
+        RuntimeError: naming the buffers.
+    """
+    buffers = dict(module.named_buffers())
+    changed = [name for name, (version, _) in before.items() if name in buffers and buffers[name]._version != version]
+    if not changed:
+        return
+    with torch.no_grad():
+        for name in changed:  # nothing of the private batch stays in the module
+            buffers[name].copy_(before[name][1])
+    raise RuntimeError(
+        f"DPStrategy: `training_step` changed the buffers {shorten(changed)} in place: a layer that updates "
+        "statistics of its inputs would release statistics of private batches without noise. Freeze such "
+        "statistics (eval mode, or the layer's own option), or move an update that does not depend on the "
+        "data out of `training_step` (e.g. to `on_train_batch_end`)."
+    )
+
+
 def private_monitors(trainer: pl.Trainer) -> dict[str, list[str]]:
     """Decisions taken from metrics that ``training_step`` logged on private batches: metric → deciders.
 
