@@ -74,6 +74,7 @@ from lightning_sparta.privacy.sampler import (
     DPDataLoader,
     PoissonBatchSampler,
     batch_size_of,
+    expand_views,
     split_batch,
     training_data,
 )
@@ -142,6 +143,13 @@ class DPStrategy(DDPStrategy):
             from :meth:`privacy_state` (e.g. ``DPStrategy(..., privacy_state=old.privacy_state())``), or the
             path of a file holding one (``torch.save``) or of a Lightning checkpoint written with
             ``DPStrategy``. See :meth:`load_privacy_state`.
+        augmentation_multiplicity: ``K`` augmented views of every sample, clipped together (De et al.
+            2022). The training batch is a tuple or list whose first tensor holds the views,
+            ``[B, K, ...]``; the strategy hands ``training_step`` the views as ``B·K`` rows, sample by
+            sample, with every other tensor of ``B`` rows (the labels) repeated for each view, so the
+            ``training_step`` is the usual one. A sample's gradient is the gradient of its own loss
+            over its views (their mean with ``loss_reduction="mean"``), clipped once: the views cost no
+            privacy. Poisson sampling and ε are those of the ``B`` samples. ``1`` (default): no views.
 
     Raises:
         ValueError: for a bad argument; the message names it and the value found.
@@ -172,6 +180,7 @@ class DPStrategy(DDPStrategy):
         batchnorm: BatchNormMode = "freeze",
         clipping: ClippingMode = "auto",
         privacy_state: dict[str, Any] | str | os.PathLike | None = None,
+        augmentation_multiplicity: int = 1,
     ) -> None:
         kwargs: dict[str, Any] = {
             "start_method": start_method,
@@ -199,6 +208,15 @@ class DPStrategy(DDPStrategy):
         self.accountant_name: str = accountant
         self.physical_batch_size = physical_batch_size
         self.loss_reduction = loss_reduction
+        if (
+            not isinstance(augmentation_multiplicity, int)
+            or isinstance(augmentation_multiplicity, bool)
+            or augmentation_multiplicity < 1
+        ):
+            raise ValueError(
+                f"`augmentation_multiplicity` must be a positive integer, got {augmentation_multiplicity!r}."
+            )
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.epsilon_tolerance = float(epsilon_tolerance)
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self._seed = seed
@@ -635,6 +653,8 @@ class DPStrategy(DDPStrategy):
             self._micro_batch_size = batch_size_of(micro)
             # the first-step sum check compares with autograd's batch gradients: keep them for that pass
             self.engine.skip_ghost_parameter_gradients = not self._verify_next
+            if self.augmentation_multiplicity > 1:  # each sample's views as rows, sample by sample
+                micro = expand_views(micro, self.augmentation_multiplicity)
             # the first step after (re)attaching: no floating-point buffer may change in the forward pass
             watched = floating_buffer_versions(self.lightning_module) if self._verify_next and i == 0 else None
             output = super().training_step(micro, *rest, **kwargs)
@@ -724,6 +744,8 @@ class DPStrategy(DDPStrategy):
         if self._micro_batch_size == 0:
             return
         engine = self.clipping_engine
+        if self.augmentation_multiplicity > 1:
+            engine.group_views(self.augmentation_multiplicity)
         engine.check_batch_dimension(self._micro_batch_size)
         if self._verify_next:
             self._verify_per_sample_gradients()

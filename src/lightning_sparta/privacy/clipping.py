@@ -301,6 +301,42 @@ class EmbeddingTerm(_Term):
         return out.index_add_(0, index, _wide(self.grads[lo:hi]).reshape(-1, dim)).view(n, rows, dim)
 
 
+def _grouped_term(term: _Term, views: int, module: str) -> _Term:
+    """``term`` with each sample's ``views`` consecutive rows (its augmented views) as one sample.
+
+    A weight's gradient over a sample's views is the sum over their positions: the views become more
+    positions (``T → views·T``) of one sample, so ghost norms, book-keeping and materialisation apply
+    unchanged; a clip factor is shared by the rows of its sample.
+    """
+    if term.batch_size % views:
+        return term  # the batch-dimension check refuses it
+    samples = term.batch_size // views
+    if isinstance(term, DenseTerm):
+        rows = term.per_sample
+        return DenseTerm(term.param, rows.view(samples, views, *rows.shape[1:]).sum(1))
+    if isinstance(term, EmbeddingTerm):
+        return EmbeddingTerm(
+            term.param, term.indices.reshape(samples, -1), term.grads.reshape(samples, -1, term.grads.shape[-1])
+        )
+    if type(term) is GemmTerm:
+        _, groups, t, p, o = term.shape
+
+        def fold(rows: torch.Tensor, n: int) -> torch.Tensor:  # [n·views, G, T, D] -> [n, G, views·T, D]
+            return rows.reshape(n, views, groups, t, -1).transpose(1, 2).reshape(n, groups, views * t, -1)
+
+        return GemmTerm(
+            term.param,
+            lambda lo, hi: fold(term.patches(lo * views, hi * views), hi - lo),
+            lambda lo, hi: fold(term.grads(lo * views, hi * views), hi - lo),
+            (samples, groups, views * t, p, o),
+            lambda c: term.clipped_sum(c.repeat_interleave(views)),
+        )
+    raise ValueError(
+        f"DPStrategy(augmentation_multiplicity={views}): `{module}` ({type(term).__name__}) has no per-view "
+        "form; weight-standardised convs are not supported with several views per sample."
+    )
+
+
 # ------------------------------------------------------------------------------------------ norms
 def _gemm_prefers_ghost(terms: list[GemmTerm]) -> bool:
     """Mixed ghost clipping: the ghost norm costs ``G·T²·(P+O)``, a materialised one ``G·T·P·O``.
@@ -444,6 +480,19 @@ class ClippingEngine:
                     "(Linear accepts [B, T, D])."
                 )
 
+    def group_views(self, views: int) -> None:
+        """Make each sample's ``views`` consecutive rows one sample (augmentation multiplicity).
+
+        The micro-batch ran through the model as ``B·views`` rows, sample-major; a sample's gradient is
+        the sum of its rows' contributions (of its own loss). Call after the backward pass and before
+        :meth:`check_batch_dimension`, which then expects ``B``. Rows that do not divide by ``views`` are
+        left as they are, for that check to refuse.
+        """
+        for p in self.parameters:
+            if _has(p) and p.grad_sample.shape[0] % views == 0:
+                rows = p.grad_sample
+                p.grad_sample = rows.view(rows.shape[0] // views, views, *rows.shape[1:]).sum(1)
+
     def squared_norms(self) -> torch.Tensor:
         """``‖g_i‖²`` over all hooked parameters, ``[B]``, in at least float32."""
         norms = self.hooks.per_sample_norms()
@@ -531,6 +580,7 @@ class GhostClipping(ClippingEngine):
         self.mode = "auto" if mixed else "ghost"
         self._groups: dict[nn.Parameter, _Group] | None = None
         self._scale = 1.0  # the loss scale of the recorded output gradients
+        self._views = 1  # rows per sample (augmentation multiplicity), set by group_views
 
     def attach(self, model: nn.Module) -> None:
         self.hooks.attach(model, ghost=has_ghost_form)
@@ -550,6 +600,8 @@ class GhostClipping(ClippingEngine):
                     if scale != self._scale:
                         grad_output = grad_output * (scale / self._scale)
                     for term in form(module, inputs, grad_output):
+                        if self._views > 1:
+                            term = _grouped_term(term, self._views, name)
                         groups.setdefault(term.param, _Group([], name)).terms.append(term)
             self._groups = groups
         return self._groups
@@ -639,8 +691,13 @@ class GhostClipping(ClippingEngine):
             else:
                 _add(sums, p, sum(term.clipped_sum(c) for term in group.terms))
 
+    def group_views(self, views: int) -> None:
+        super().group_views(views)
+        self._views, self._groups = views, None
+
     def clear(self) -> None:
         self._groups = None
+        self._views = 1
         super().clear()
 
 

@@ -155,6 +155,40 @@ def batch_size_of(batch: Any) -> int:
     raise ValueError(f"Cannot find the batch size of a batch of type {type(batch).__name__}.")
 
 
+def expand_views(batch: Any, views: int) -> Any:
+    """A batch of ``B`` samples with ``views`` augmented views each, as ``B·views`` rows, sample by sample.
+
+    The first tensor of the (tuple or list) batch holds the views, ``[B, views, ...]``, and becomes
+    ``[B·views, ...]`` (sample 0's views first); every other tensor with ``B`` rows is repeated for each
+    view (``repeat_interleave``), anything else is passed as it is.
+
+    Raises:
+        ValueError: if the batch is not a tuple or list whose first element is a ``[B, views, ...]`` tensor.
+
+    Example:
+        >>> x, y = expand_views((torch.arange(6).view(2, 3, 1), torch.tensor([7, 8])), 3)
+        >>> x.flatten().tolist(), y.tolist()
+        ([0, 1, 2, 3, 4, 5], [7, 7, 7, 8, 8, 8])
+    """
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.shape[1] != views:
+        found = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first if first is not None else batch)
+        raise ValueError(
+            f"DPStrategy(augmentation_multiplicity={views}) needs a training batch (a tuple or list) whose first "
+            f"tensor holds each sample's views, [B, {views}, ...]; found {found!r}. Stack the views in the dataset "
+            "(e.g. `torch.stack([transform(image) for _ in range(K)])`)."
+        )
+    samples = first.shape[0]
+    rest = [
+        t.repeat_interleave(views, dim=0)
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == samples
+        else t
+        for t in batch[1:]
+    ]
+    expanded = [first.flatten(0, 1), *rest]
+    return expanded if isinstance(batch, list) else tuple(expanded)
+
+
 def split_batch(batch: Any, micro_batch_size: int) -> list[Any]:
     """Split a (nested) batch along its first dimension into micro-batches of at most the given size."""
     size = batch_size_of(batch)
