@@ -56,14 +56,15 @@ DP-BitFit warm-up, fraction 0.2) at one learning rate (``--lrs``' single value, 
 table chose for ``sparta``, else the grid's middle value): ``mask_epoch`` 0, 1 and 2 (all but the
 baseline's), ``warmup="full"``, ``train_while_scoring``, ``scoring_epochs = T0 + 1``, the two that helped
 together, an exponential moving average of the weights (Lightning's ``EMAWeightAveraging``, decay 0.8
-and 0.9 per step; post-processing, ε unchanged), and fractions 0.05 and 0.5 (``accuracy_effnet_levers.*``).
+and 0.9 per step; post-processing, ε unchanged), four augmented views of every image clipped together
+(``augmentation_multiplicity=4``), and fractions 0.05 and 0.5 (``accuracy_effnet_levers.*``).
 
 Sizing (EfficientNet-Lite0 at 32 px, ``--clipping auto``, 2 idle cores): one run with 2,000 private examples,
 T = 10 and batch 250 took 136 s (``sparta``) and 198 s (``all``), i.e. about 7-10 ms of wall time per private
 example and epoch, test included. The full mode (1,000 private examples, validation 100, T = 5, T0 = 1
 (the paper's T0/T = 1/5, at the main job's T), batch 125 so q = 0.125 and 40 steps, 2,000 test images, rates
 0.01/0.03/0.1 searched at seed 0, seeds 0-2: 8 × 3 + 8 × 2 = 40 runs of about a minute) therefore takes
-about 45 minutes; ``--low-epsilon 1`` adds 9 runs and ``--levers`` 30. A larger setting
+about 45 minutes; ``--low-epsilon 1`` adds 9 runs and ``--levers`` 33. A larger setting
 (``--train-subset 5000 --batch-size 500``) costs about 5 times as much: use a GPU (``--accelerator gpu``)
 for it. ``--resume`` continues an interrupted run.
 
@@ -218,6 +219,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "ema=0.8": ("test the exponential moving average of the weights (decay 0.8 per step)", {"ema_decay": 0.8}),
     "ema=0.9": ("test the exponential moving average of the weights (decay 0.9 per step)", {"ema_decay": 0.9}),
+    "augmult=4": (
+        "4 randomly shifted and flipped views of every image, clipped together (augmentation multiplicity)",
+        {"augmentation_multiplicity": 4},
+    ),
     "fraction=0.05": ("5% of the rows", {"trainable_fraction": 0.05}),
     "fraction=0.5": ("50% of the rows", {"trainable_fraction": 0.5}),
 }

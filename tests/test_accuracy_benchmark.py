@@ -99,6 +99,8 @@ def fake_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({"ema_decay": 1.0}, "`ema_decay`"),
         ({"ema_decay": 0}, "`ema_decay`"),
         ({"ema_decay": True}, "`ema_decay`"),
+        ({"augmentation_multiplicity": 0}, "`augmentation_multiplicity`"),
+        ({"augmentation_multiplicity": 2.0}, "`augmentation_multiplicity`"),
     ],
 )
 def test_transfer_config_rejects_bad_values(kwargs: dict, match: str) -> None:

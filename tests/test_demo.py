@@ -330,3 +330,25 @@ def test_pretrain_caches_and_loads(fake_dir: Path, tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match=r"`path`=.*missing\.pt"):
         load_pretrained("gn_cnn", num_classes=3, path=tmp_path / "missing.pt")
+
+
+def test_augmented_views_are_shifted_and_flipped_copies():
+    """`AugmentedViews` serves K views of one image: each a shift of at most S/8 (zero padding) of the image
+    or of its mirror, drawn afresh; the label is kept."""
+    from torch.utils.data import TensorDataset
+
+    from lightning_sparta.demo.data import AugmentedViews
+
+    torch.manual_seed(0)
+    image = torch.arange(64, dtype=torch.float32).view(1, 8, 8) + 1
+    views, label = AugmentedViews(TensorDataset(image[None], torch.tensor([4])), views=16)[0]
+    assert views.shape == (16, 1, 8, 8)
+    assert int(label) == 4
+    padded = {"plain": torch.nn.functional.pad(image, (1, 1, 1, 1))}
+    padded["mirror"] = torch.nn.functional.pad(image.flip(-1), (1, 1, 1, 1))
+    crops = [p[..., i : i + 8, j : j + 8] for p in padded.values() for i in range(3) for j in range(3)]
+    for view in views:
+        assert any(torch.equal(view, crop) for crop in crops)
+    assert len({tuple(v.flatten().tolist()) for v in views}) > 1
+    with pytest.raises(ValueError, match="`views` must be a positive integer"):
+        AugmentedViews(TensorDataset(image[None], torch.tensor([4])), views=0)

@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SYSTEM_DATA_DIRS",
+    "AugmentedViews",
     "FashionMNISTTransfer",
     "ReplicatedChannels",
     "default_cache_dir",
@@ -176,6 +177,41 @@ class ReplicatedChannels(Dataset):
         return (self.images[index] - self._mean) * self._inv_std, self.labels[index]
 
 
+class AugmentedViews(Dataset):
+    """``views`` randomly augmented copies of every image, stacked: ``([views, C, S, S], label)``.
+
+    Each view is shifted by up to ``S // 8`` pixels in each direction (zero padding) and flipped
+    horizontally with probability 1/2, drawn from torch's generator, for
+    ``DPStrategy(augmentation_multiplicity=views)``.
+
+    Example:
+        >>> ds = AugmentedViews(TensorDataset(torch.ones(2, 1, 8, 8), torch.tensor([3, 7])), views=4)
+        >>> x, y = ds[1]
+        >>> tuple(x.shape), int(y)
+        ((4, 1, 8, 8), 7)
+    """
+
+    def __init__(self, dataset: Dataset, views: int) -> None:
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise ValueError(f"`views` must be a positive integer, got {views!r}.")
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.dataset[index]
+        size = image.shape[-1]
+        pad = max(1, size // 8)
+        padded = F.pad(image, (pad, pad, pad, pad))
+        views = []
+        for _ in range(self.views):
+            top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            view = padded[..., top : top + size, left : left + size]
+            views.append(view.flip(-1) if torch.rand(()) < 0.5 else view)
+        return torch.stack(views), label
+
+
 class FashionMNISTTransfer(L.LightningDataModule):
     """Fashion-MNIST as a public pretraining task, a private fine-tuning task, or all ten classes.
 
@@ -209,6 +245,8 @@ class FashionMNISTTransfer(L.LightningDataModule):
         channels: ``1`` (grey) or ``3`` (grey replicated to RGB).
         normalization: ``"fashion_mnist"`` (its mean and std, every channel) or ``"imagenet"`` (ImageNet's
             per-channel RGB mean and std; needs ``channels=3``).
+        views: Training samples served as this many augmented views each (:class:`AugmentedViews`), for
+            ``DPStrategy(augmentation_multiplicity=views)``; ``1``: the images as they are.
 
     Raises:
         ValueError: On an unknown ``split`` or ``normalization``, a non-positive ``batch_size``,
@@ -229,8 +267,11 @@ class FashionMNISTTransfer(L.LightningDataModule):
         image_size: int = 28,
         channels: int = 1,
         normalization: Literal["fashion_mnist", "imagenet"] = "fashion_mnist",
+        views: int = 1,
     ) -> None:
         super().__init__()
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise ValueError(f"`views` must be a positive integer, got {views!r}.")
         if split not in _SPLIT_CLASSES:
             raise ValueError(f"`split` must be one of {sorted(_SPLIT_CLASSES)}, got {split!r}.")
         if batch_size < 1:
@@ -257,6 +298,7 @@ class FashionMNISTTransfer(L.LightningDataModule):
         self.image_size = image_size
         self.channels = channels
         self.normalization = normalization
+        self.views = views
         self.num_classes = len(_SPLIT_CLASSES[split])
         self.classes: list[str] = [FashionMNIST.classes[c] for c in _SPLIT_CLASSES[split]]
         self.train_set: Dataset | None = None
@@ -368,6 +410,8 @@ class FashionMNISTTransfer(L.LightningDataModule):
             train_idx = train_idx[: self.train_subset]
         # Resize only what is kept (a 10-class training split at 64 px would take 1 GB as floats).
         self.train_set = self._dataset(images[train_idx], labels[train_idx])
+        if self.views > 1:  # DPStrategy(augmentation_multiplicity=views) clips each image over its views
+            self.train_set = AugmentedViews(self.train_set, self.views)
         self.val_set = self._dataset(images[val_idx], labels[val_idx])
         self.test_set = self._dataset(*self._load_split(root, train=False))
         rank_zero_info(

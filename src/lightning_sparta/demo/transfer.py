@@ -130,6 +130,9 @@ class TransferConfig:
         physical_batch_size: Micro-batch size (``None``: the whole logical batch in one pass).
         lr: Peak SGD learning rate.
         momentum: SGD momentum.
+        augmentation_multiplicity: Serve every training image as this many randomly shifted and flipped
+            views and clip each image's gradient over its views (``DPStrategy(augmentation_multiplicity=...)``);
+            ``1``: no augmentation.
         ema_decay: Average the weights with Lightning's ``EMAWeightAveraging(decay=ema_decay)`` after every
             optimizer step, and validate and test the average (post-processing: ε is unchanged); ``None``:
             the last weights.
@@ -181,6 +184,7 @@ class TransferConfig:
     momentum: float = 0.9
     lr_warmup_epochs: float | None = None
     ema_decay: float | None = None
+    augmentation_multiplicity: int = 1
     train_subset: int | None = None
     test_subset: int | None = None
     pretrain_epochs: int = 3
@@ -254,6 +258,10 @@ class TransferConfig:
             raise ValueError(
                 f"`scoring_epochs` must be an integer in [1, mask_epoch + 1] = [1, {self.mask_epoch + 1}], "
                 f"got {self.scoring_epochs!r}."
+            )
+        if not _is_int(self.augmentation_multiplicity) or self.augmentation_multiplicity < 1:
+            raise ValueError(
+                f"`augmentation_multiplicity` must be a positive integer, got {self.augmentation_multiplicity!r}."
             )
         if self.ema_decay is not None and not (
             isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool) and 0 < self.ema_decay < 1
@@ -403,6 +411,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         image_size=image_size,
         channels=task.channels,
         normalization=task.normalization,
+        views=config.augmentation_multiplicity,
     )
 
     logger = TensorBoardLogger(config.output, name=config.experiment_name) if config.logger else False
@@ -412,6 +421,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
         max_grad_norm=config.max_grad_norm,
         clipping=config.clipping,
         physical_batch_size=config.physical_batch_size,
+        augmentation_multiplicity=config.augmentation_multiplicity,
     )
     sparta = SpartaMaskCallback(
         mask_epoch=config.mask_epoch,
