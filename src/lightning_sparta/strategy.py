@@ -149,7 +149,8 @@ class DPStrategy(DDPStrategy):
             sample, with every other tensor of ``B`` rows (the labels) repeated for each view, so the
             ``training_step`` is the usual one. A sample's gradient is the gradient of its own loss
             over its views (their mean with ``loss_reduction="mean"``), clipped once: the views cost no
-            privacy. Poisson sampling and ε are those of the ``B`` samples. ``1`` (default): no views.
+            privacy. Poisson sampling and ε are those of the ``B`` samples; ``physical_batch_size``
+            counts samples too (a micro-batch runs ``K`` times as many rows). ``1`` (default): no views.
 
     Raises:
         ValueError: for a bad argument; the message names it and the value found.
