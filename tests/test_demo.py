@@ -333,7 +333,7 @@ def test_pretrain_caches_and_loads(fake_dir: Path, tmp_path: Path) -> None:
 
 
 def test_augmented_views_are_shifted_and_flipped_copies():
-    """`AugmentedViews` serves K views of one image: each a shift of at most S/8 (zero padding) of the image
+    """`AugmentedViews` serves K views of one image: each a shift of at most S/8 (edges replicated) of the image
     or of its mirror, drawn afresh; the label is kept."""
     from torch.utils.data import TensorDataset
 
@@ -344,8 +344,8 @@ def test_augmented_views_are_shifted_and_flipped_copies():
     views, label = AugmentedViews(TensorDataset(image[None], torch.tensor([4])), views=16)[0]
     assert views.shape == (16, 1, 8, 8)
     assert int(label) == 4
-    padded = {"plain": torch.nn.functional.pad(image, (1, 1, 1, 1))}
-    padded["mirror"] = torch.nn.functional.pad(image.flip(-1), (1, 1, 1, 1))
+    padded = {"plain": torch.nn.functional.pad(image, (1, 1, 1, 1), mode="replicate")}
+    padded["mirror"] = torch.nn.functional.pad(image.flip(-1), (1, 1, 1, 1), mode="replicate")
     crops = [p[..., i : i + 8, j : j + 8] for p in padded.values() for i in range(3) for j in range(3)]
     for view in views:
         assert any(torch.equal(view, crop) for crop in crops)

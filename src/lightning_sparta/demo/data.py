@@ -180,7 +180,7 @@ class ReplicatedChannels(Dataset):
 class AugmentedViews(Dataset):
     """``views`` randomly augmented copies of every image, stacked: ``([views, C, S, S], label)``.
 
-    Each view is shifted by up to ``S // 8`` pixels in each direction (zero padding) and flipped
+    Each view is shifted by up to ``S // 8`` pixels in each direction (edges replicated) and flipped
     horizontally with probability 1/2, drawn from torch's generator, for
     ``DPStrategy(augmentation_multiplicity=views)``.
 
@@ -203,7 +203,7 @@ class AugmentedViews(Dataset):
         image, label = self.dataset[index]
         size = image.shape[-1]
         pad = max(1, size // 8)
-        padded = F.pad(image, (pad, pad, pad, pad))
+        padded = F.pad(image, (pad, pad, pad, pad), mode="replicate")  # the border's colour, not the mean's
         views = []
         for _ in range(self.views):
             top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
