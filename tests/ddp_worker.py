@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded | unseeded_sparse;
+(MODE: train | noise | sparta | unseeded | unseeded_sparse | views;
 CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
@@ -26,6 +26,7 @@ class IndexedModule(L.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, width), nn.GroupNorm(2, width), nn.Tanh(), nn.Linear(width, 3))
         self.zero_loss = zero_loss
+        self.views = 1
         self.indices: list[list[int]] = []
         self.register_buffer("offset", torch.randn(6))
 
@@ -47,6 +48,8 @@ class IndexedModule(L.LightningModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+        if self.views > 1:  # augmentation multiplicity: each sample's views, [N, views, 6]
+            x = x[:, None] + 0.1 * torch.randn(N, self.views, 6, generator=g)
         return DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=BATCH, shuffle=True)
 
 
@@ -62,6 +65,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         from lightning_sparta.sparse import sparsify_
 
         sparsify_(module, {"net.0": torch.randperm(8)[:3]})
+    module.views = 3 if mode == "views" else 1
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     rows = module.net[0].rows.clone() if mode == "unseeded_sparse" else None
     callbacks = []
@@ -71,7 +75,14 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         callbacks.append(SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.25))
     # micro-batches of 2: ranks run different numbers of training_step calls (see the log call above)
     seed = None if unseeded else 123
-    strategy = DPStrategy(noise_multiplier=1.5, max_grad_norm=0.5, seed=seed, physical_batch_size=2, clipping=clipping)
+    strategy = DPStrategy(
+        noise_multiplier=1.5,
+        max_grad_norm=0.5,
+        seed=seed,
+        physical_batch_size=2,
+        clipping=clipping,
+        augmentation_multiplicity=module.views,
+    )
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",

@@ -126,3 +126,19 @@ def test_unseeded_ranks_train_rank_zero_rows_of_a_sparse_layer(tmp_path):
     assert torch.equal(r1["rows"], r0["initial_rows"])
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+
+
+def test_augmentation_multiplicity_under_ddp(tmp_path):
+    """Three views per sample over two ranks: each rank's slice of the global Poisson batch reaches
+    training_step as its samples' views (indices repeated three times, sample by sample), and the ranks
+    end with identical parameters and ε."""
+    r0, r1 = _run(tmp_path, "views", "auto")
+    for rank in (r0, r1):
+        assert rank["indices"]
+        for micro in rank["indices"]:
+            assert len(micro) % 3 == 0
+            assert micro == [i for i in micro[::3] for _ in range(3)]
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["epsilon"] == r1["epsilon"]
+    assert r0["steps"] == r1["steps"] == 3 * 4
