@@ -197,6 +197,7 @@ class DPStrategy(DDPStrategy):
             epsilon_tolerance=epsilon_tolerance,
             accountant=accountant,
             physical_batch_size=physical_batch_size,
+            augmentation_multiplicity=augmentation_multiplicity,
             loss_reduction=loss_reduction,
             batchnorm=batchnorm,
             seed=seed,
@@ -209,14 +210,6 @@ class DPStrategy(DDPStrategy):
         self.accountant_name: str = accountant
         self.physical_batch_size = physical_batch_size
         self.loss_reduction = loss_reduction
-        if (
-            not isinstance(augmentation_multiplicity, int)
-            or isinstance(augmentation_multiplicity, bool)
-            or augmentation_multiplicity < 1
-        ):
-            raise ValueError(
-                f"`augmentation_multiplicity` must be a positive integer, got {augmentation_multiplicity!r}."
-            )
         self.augmentation_multiplicity = augmentation_multiplicity
         self.epsilon_tolerance = float(epsilon_tolerance)
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
@@ -1027,6 +1020,7 @@ def _validate_arguments(
     epsilon_tolerance: Any,
     accountant: Any,
     physical_batch_size: Any,
+    augmentation_multiplicity: Any,
     loss_reduction: Any,
     batchnorm: Any,
     seed: Any,
@@ -1058,6 +1052,12 @@ def _validate_arguments(
         not isinstance(physical_batch_size, int) or isinstance(physical_batch_size, bool) or physical_batch_size < 1
     ):
         raise ValueError(f"`physical_batch_size` must be a positive integer or None, got {physical_batch_size!r}.")
+    if (
+        not isinstance(augmentation_multiplicity, int)
+        or isinstance(augmentation_multiplicity, bool)
+        or augmentation_multiplicity < 1
+    ):
+        raise ValueError(f"`augmentation_multiplicity` must be a positive integer, got {augmentation_multiplicity!r}.")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
     if batchnorm not in BATCHNORM_MODES:

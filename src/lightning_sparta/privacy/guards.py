@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_sparta._logging import rank_zero_user_warn, shorten
+from lightning_sparta.privacy.replay import changed_buffers
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
 
@@ -142,10 +143,10 @@ def refuse_changed_buffers(module: nn.Module, before: dict[str, tuple[int, torch
     Raises:
         RuntimeError: naming the buffers.
     """
-    buffers = dict(module.named_buffers())
-    changed = [name for name, (version, _) in before.items() if name in buffers and buffers[name]._version != version]
+    changed = changed_buffers(module, {name: version for name, (version, _) in before.items()})
     if not changed:
         return
+    buffers = dict(module.named_buffers())
     with torch.no_grad():
         for name in changed:  # nothing of the private batch stays in the module
             buffers[name].copy_(before[name][1])
@@ -168,7 +169,7 @@ def private_monitors(trainer: pl.Trainer) -> dict[str, list[str]]:
     logged = {
         value.meta.name for value in getattr(trainer, "_results", {}).values() if value.meta.fx == "training_step"
     }
-    names = {variant: name for name in logged for variant in (name, f"{name}_step", f"{name}_epoch")}
+    names = {variant for name in logged for variant in (name, f"{name}_step", f"{name}_epoch")}
     deciders: list[tuple[str, str]] = [
         (getattr(callback, "monitor", None), type(callback).__name__) for callback in trainer.callbacks
     ]
