@@ -86,6 +86,25 @@ def test_one_step_clips_each_sample_over_its_views(clipping, physical_batch_size
         torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
+def test_a_sample_with_one_non_finite_view_is_left_out_whole(clipping):
+    """A NaN in one view of sample 4 makes that sample's gradient NaN: all its views are left out (its
+    rows are sample-major), and the update is the clipped sum over the other samples."""
+    L.seed_everything(0)
+    module = ViewsModule()
+    x, y = module.data.tensors
+    x[4, 1, 0, 2, 2] = float("nan")
+    keep = torch.arange(N) != 4
+    expected = _reference(module, x[keep], y[keep])
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=CLIP, clipping=clipping, augmentation_multiplicity=K)
+    with pytest.warns(UserWarning, match="not finite"):
+        _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_views_leave_the_sampling_and_the_accounting_to_the_samples():
     """Poisson batches are drawn over the N samples (q = B/N) and ε is that of their steps; a batch
     without a views dimension is refused naming the argument."""

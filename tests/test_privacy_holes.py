@@ -951,3 +951,79 @@ def test_a_layer_that_updates_statistics_in_its_forward_is_refused_and_restored(
     module.net[1] = Counted(8)
     _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
     assert module.net[1].steps.item() > 0
+
+
+# --------------------------------------------------------------------------------------------- 21
+def _poisoned(value: float, row: int = 3) -> TensorDataset:
+    data = _data()
+    data.tensors[0][row, 2] = value
+    return data
+
+
+@CLIPPING
+@pytest.mark.parametrize("physical_batch_size", [None, 5])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_sample_with_a_non_finite_gradient_is_left_out_of_the_sum(clipping, physical_batch_size, value):
+    """One sample whose gradient is NaN or inf (a corrupted image, a log of zero) made the clipped sum,
+    and so every released update, NaN: the output then tells whether that sample was in the data, an
+    unbounded privacy loss (clipping bounds finite contributions only). Its contribution is now zero,
+    within the bound. σ = 0, q = 1: the update is the `torch.func` clipped sum over the other samples."""
+    L.seed_everything(0)
+    module = _NormedModule(dataset=_poisoned(value), batch_size=24)  # q = 1: every sample, every step
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    x, y = module.dataset.tensors
+    keep = torch.arange(24) != 3
+    expected = _clipped_sum_reference(module, x[keep], y[keep], clip=0.05)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping, physical_batch_size=physical_batch_size
+        )
+    with pytest.warns(UserWarning, match="not finite.*left out"):
+        _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@CLIPPING
+def test_a_non_finite_sample_is_left_out_of_sparta_scores(tmp_path, clipping):
+    """The scoring epoch's Σ_i c_i |g_i| leaves a NaN sample out the same way, so the mask stays private."""
+    from test_sparta import SCORED, N, SparseModule, _fit, _reference_scores
+
+    module = SparseModule(batch_size=N)  # q = 1: the scoring epoch is one batch of every sample
+    module.dataset.tensors[0][3].view(-1)[0] = math.nan
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05, seed=3, clipping=clipping)
+    with pytest.warns(UserWarning, match="not finite.*left out"):
+        _, callback, _, _, after = _fit(tmp_path, "sparta", clip=0.05, module=module, strategy=strategy, max_epochs=2)
+    x, y = module.dataset.tensors
+    keep = torch.arange(N) != 3
+    expected = _reference_scores(after.start[1], after.trainable[1], x[keep], y[keep], 0.05, "sparta")
+    for layer in SCORED:
+        torch.testing.assert_close(callback.scores[layer], expected[layer], rtol=1e-4, atol=1e-7)
+
+
+class _FirstBatchPoisoned(TinyModule):
+    """A parameter used outside its module (refused by the sum check), and a NaN sample in the first batch."""
+
+    def __init__(self):
+        super().__init__(batch_size=24)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == 0:
+            x = x.clone()
+            x[0, 0] = math.nan
+        return super().training_step((x, y), batch_idx)
+
+
+def test_the_first_step_check_waits_for_a_step_without_non_finite_samples():
+    """Autograd's batch gradient is NaN when a sample is: the check that per-sample gradients add up is
+    made at the next step instead of passing vacuously."""
+    with (
+        pytest.raises(RuntimeError, match=r"\['temperature'\] do not add up"),
+        pytest.warns(UserWarning, match="not finite"),
+    ):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3).fit(_FirstBatchPoisoned())

@@ -235,6 +235,7 @@ class DPStrategy(DDPStrategy):
         self._non_private_reason: str | None = None
         self._in_training_step = False
         self._monitors_checked = False
+        self._warned_non_finite = False
         # set by optimizer_step until the step's release is formed (in backward, or after the closure)
         self._release_pending: Optimizer | None = None
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
@@ -503,6 +504,7 @@ class DPStrategy(DDPStrategy):
         super().on_train_start()
         trainer = self.lightning_module.trainer
         self._monitors_checked = False
+        self._warned_non_finite = False
         if self.sample_rate is None:
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
         check_one_training_loader(trainer.train_dataloader)
@@ -741,9 +743,15 @@ class DPStrategy(DDPStrategy):
         if self.augmentation_multiplicity > 1:
             engine.group_views(self.augmentation_multiplicity)
         engine.check_batch_dimension(self._micro_batch_size)
-        if self._verify_next:
+        norms = engine.squared_norms()
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):  # one sync per micro-batch; NaN or inf has no clipped form
+            engine.leave_out(~finite)
+            norms = engine.squared_norms()
+            self._warn_non_finite()
+        elif self._verify_next:  # autograd's batch gradient is NaN where a sample is: check at a finite step
             self._verify_per_sample_gradients()
-        factors = (self.max_grad_norm / (engine.squared_norms().sqrt() + 1e-6)).clamp(max=1.0)
+        factors = (self.max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0)
         scoring = self._scoring
         scored = list(scoring.parameters.values()) if scoring is not None else []
         engine.accumulate(
@@ -755,6 +763,18 @@ class DPStrategy(DDPStrategy):
             only=scored if scoring is not None and not scoring.train else None,
         )
         engine.clear()
+
+    def _warn_non_finite(self) -> None:
+        if self._warned_non_finite:
+            return
+        self._warned_non_finite = True
+        warnings.warn(
+            "DPStrategy: a sample's gradient was not finite (NaN or inf) and was left out of the step's clipped "
+            "sum (its contribution is zero, within the clipping bound); look for NaN or inf in the data or the "
+            "loss. Said once per fit; like a training loss, this message depends on private data: do not publish "
+            "it.",
+            stacklevel=2,
+        )
 
     def _verify_per_sample_gradients(self) -> None:
         """Check once per (re)attachment that per-sample gradients add up to the batch gradient.

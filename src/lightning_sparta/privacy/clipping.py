@@ -404,6 +404,12 @@ def _materialised_squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(per_sample.flatten(1), dim=1).square()
 
 
+def _zero_rows(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """``t`` (rows sample-major: ``[B·k, ...]``) with the rows of the ``dropped`` samples set to zero, NaN included."""
+    rows = dropped.to(t.device).repeat_interleave(t.shape[0] // dropped.numel())
+    return torch.where(rows.view(-1, *[1] * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
@@ -552,6 +558,18 @@ class ClippingEngine:
             grad_sample = _wide(grad_sample)
             _add(sums, p, torch.einsum("i,i...->...", c.to(grad_sample.dtype), grad_sample))
 
+    def leave_out(self, dropped: torch.Tensor) -> None:
+        """Zero every recorded contribution of the samples where ``dropped`` (``[B]``, bool) is true.
+
+        For samples whose gradient is not finite: a NaN or an infinity has no clipped form, and in a sum
+        it would turn the whole release into NaN, which tells whether such a sample was drawn (an unbounded
+        privacy loss). With everything of theirs zeroed, their norms are zero and they add nothing.
+        Call after :meth:`squared_norms`, then take the norms again.
+        """
+        for p in self.parameters:
+            if _has(p):
+                p.grad_sample = _zero_rows(p.grad_sample, dropped)
+
     def clear(self) -> None:
         """Drop everything recorded for the current micro-batch and the parameters' ``.grad``."""
         self.hooks.clear()
@@ -580,6 +598,7 @@ class GhostClipping(ClippingEngine):
         self.mode = "auto" if mixed else "ghost"
         self._groups: dict[nn.Parameter, _Group] | None = None
         self._scale = 1.0  # the loss scale of the recorded output gradients
+        self._dropped: torch.Tensor | None = None  # samples left out of this micro-batch (see leave_out)
         self._views = 1  # rows per sample (augmentation multiplicity), set by group_views
 
     def attach(self, model: nn.Module) -> None:
@@ -597,6 +616,15 @@ class GhostClipping(ClippingEngine):
             for module, name, calls in records:
                 form = _GHOST_FORMS[type(module)][0]
                 for inputs, grad_output, scale in calls:
+                    if self._dropped is not None:  # samples left out: zero their rows of the call's batch tensors
+                        rows = grad_output.shape[0]
+                        inputs = [
+                            _zero_rows(x, self._dropped)
+                            if torch.is_tensor(x) and x.is_floating_point() and x.dim() and x.shape[0] == rows
+                            else x
+                            for x in inputs
+                        ]
+                        grad_output = _zero_rows(grad_output, self._dropped)
                     if scale != self._scale:
                         grad_output = grad_output * (scale / self._scale)
                     for term in form(module, inputs, grad_output):
@@ -695,9 +723,14 @@ class GhostClipping(ClippingEngine):
         super().group_views(views)
         self._views, self._groups = views, None
 
+    def leave_out(self, dropped: torch.Tensor) -> None:
+        super().leave_out(dropped)
+        self._dropped, self._groups = dropped, None  # the terms are built again from the zeroed records
+
     def clear(self) -> None:
         self._groups = None
         self._views = 1
+        self._dropped = None
         super().clear()
 
 
