@@ -939,7 +939,9 @@ def test_a_layer_that_updates_statistics_in_its_forward_is_refused_and_restored(
     before. Refused at the first step, with the buffer restored; an integer counter is not a statistic."""
     module = TinyModule(batch_size=12)
     module.net = nn.Sequential(nn.Linear(6, 8), _RunningMean(8), nn.Tanh(), nn.Linear(8, 3))
-    with pytest.raises(RuntimeError, match=r"changed the buffers net\.1\.mean in place.*on_train_batch_end"):
+    with pytest.raises(
+        RuntimeError, match=r"the buffers net\.1\.mean changed during `training_step`.*on_train_batch_end"
+    ):
         _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
     assert torch.equal(module.net[1].mean, torch.zeros(8))
 
@@ -1027,3 +1029,97 @@ def test_the_first_step_check_waits_for_a_step_without_non_finite_samples():
         pytest.warns(UserWarning, match="not finite"),
     ):
         _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3).fit(_FirstBatchPoisoned())
+
+
+# --------------------------------------------------------------------------------------------- 22
+class _ReassignedMean(_RunningMean):
+    """The plain-PyTorch way to keep a running mean: a new tensor assigned to the buffer each call."""
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return x - self.mean
+
+
+class _MeanThroughData(_RunningMean):
+    """A running mean updated through `.data`, which autograd's version counter does not see."""
+
+    def forward(self, x):
+        if self.training:
+            self.mean.data.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x - self.mean
+
+
+@pytest.mark.parametrize("layer", [_ReassignedMean, _MeanThroughData])
+def test_statistics_kept_by_reassignment_or_through_data_are_refused_and_restored(layer):
+    """The buffer check compared version counters only: a buffer reassigned each forward (the usual
+    `self.mean = 0.9 * self.mean + ...`) or updated through `.data` trained silently, releasing a
+    statistic of private batches. It is compared by identity and value on the first step."""
+    module = TinyModule(batch_size=12)
+    module.net = nn.Sequential(nn.Linear(6, 8), layer(8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(RuntimeError, match=r"the buffers net\.1\.mean changed during"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+    assert torch.equal(module.net[1].mean, torch.zeros(8))
+
+
+class _WeightFromBatch(TinyModule):
+    """Rescales a weight in place from the batch in its forward pass (a data-dependent projection)."""
+
+    def __init__(self, through_data: bool = True, from_step: int = 0):
+        super().__init__(batch_size=12)
+        self.through_data, self.from_step = through_data, from_step
+
+    def forward(self, x):
+        if self.training and self.global_step >= self.from_step:
+            weight = self.net[0].weight.data if self.through_data else self.net[0].weight
+            with torch.no_grad():
+                weight.mul_(1 + 1e-2 * x.mean())
+        return self.net(x)
+
+
+class _OptimizerInBackward(TinyModule):
+    """PyTorch's "optimizer step in backward" recipe: each parameter is updated as its gradient lands."""
+
+    def on_fit_start(self):
+        inner = torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def step(_param):
+            inner.step()
+            inner.zero_grad()
+
+        for p in self.parameters():
+            p.register_post_accumulate_grad_hook(step)
+
+
+@CLIPPING
+@pytest.mark.parametrize(
+    ("make", "where"),
+    [
+        (lambda: _WeightFromBatch(through_data=True), "training_step"),
+        (lambda: _WeightFromBatch(through_data=False), "training_step"),
+        (_OptimizerInBackward, "backward"),
+    ],
+    ids=["through_data", "in_place", "optimizer_in_backward"],
+)
+def test_parameters_changed_during_the_step_are_refused_and_restored(make, where, clipping):
+    """Between the start of `training_step` and the release only the optimizer may move a parameter.
+    A weight rescaled from the batch in the forward pass (through `.data` or not) trained silently,
+    releasing a function of the private batch without noise, and an optimizer stepped in a gradient hook
+    applied autograd's raw batch gradient (refused, but by the sum check's message about parameters used
+    outside their module, after the raw step). Both are refused by name, the weights restored."""
+    L.seed_everything(0)
+    module = make()
+    before = _flat(module)
+    with pytest.raises(RuntimeError, match=rf"parameters net\.0\.weight.* changed during .*{where}"):
+        _trainer(DPStrategy(noise_multiplier=1.0, clipping=clipping)).fit(module)
+    assert torch.equal(_flat(module), before)
+
+
+def test_a_parameter_changed_in_a_later_step_is_refused():
+    """After the first step the check reads version counters only (no copies): an in-place change made
+    from the third step on is still refused."""
+    L.seed_everything(0)
+    module = _WeightFromBatch(through_data=False, from_step=2)
+    with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3).fit(module)
+    assert module.global_step == 2

@@ -58,13 +58,12 @@ from lightning_sparta.privacy.accountant import (
 from lightning_sparta.privacy.batchnorm import FrozenBatchNorm
 from lightning_sparta.privacy.clipping import ClippingMode, create_clipping_engine
 from lightning_sparta.privacy.guards import (
+    StateWatch,
     check_callbacks,
     check_no_accumulation,
     check_no_batch_mixing,
     check_one_training_loader,
     check_trainer,
-    floating_buffer_versions,
-    refuse_changed_buffers,
     refuse_unclipped_gradients,
     warn_private_monitors,
 )
@@ -236,6 +235,7 @@ class DPStrategy(DDPStrategy):
         self._in_training_step = False
         self._monitors_checked = False
         self._warned_non_finite = False
+        self._watch: StateWatch | None = None
         # set by optimizer_step until the step's release is formed (in backward, or after the closure)
         self._release_pending: Optimizer | None = None
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
@@ -641,6 +641,8 @@ class DPStrategy(DDPStrategy):
         size = batch_size_of(batch)
         self._micro_batch_size = 0
         self._epoch_position = self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # only the optimizer, after the release, may move a parameter; by value on the first step after attaching
+        self._watch = StateWatch(self.lightning_module, values=self._verify_next)
         if size == 0:  # an empty Poisson batch: a valid step whose update is noise only
             return torch.zeros((), device=self.root_device, requires_grad=True)
         micro_batches = split_batch(batch, self.physical_batch_size) if self.physical_batch_size else [batch]
@@ -651,11 +653,8 @@ class DPStrategy(DDPStrategy):
             self.engine.skip_ghost_parameter_gradients = not self._verify_next
             if self.augmentation_multiplicity > 1:  # each sample's views as rows, sample by sample
                 micro = expand_views(micro, self.augmentation_multiplicity)
-            # the first step after (re)attaching: no floating-point buffer may change in the forward pass
-            watched = floating_buffer_versions(self.lightning_module) if self._verify_next and i == 0 else None
             output = super().training_step(micro, *rest, **kwargs)
-            if watched is not None:
-                refuse_changed_buffers(self.lightning_module, watched)
+            self._watch.refuse_changes("`training_step`")
             if not self._monitors_checked:
                 self._monitors_checked = True
                 warn_private_monitors(self.lightning_module.trainer)
@@ -663,6 +662,7 @@ class DPStrategy(DDPStrategy):
             loss_sum = loss_sum + mean_loss * self._micro_batch_size
             if i < len(micro_batches) - 1:
                 loss.backward()
+                self._watch.refuse_changes("the backward pass")
                 self._clip_and_accumulate()
         # Backpropagate the sum of per-sample losses of the last micro-batch; show the batch's mean loss.
         return _replace_loss(output, loss + (loss_sum / size - loss.detach()))
@@ -721,6 +721,8 @@ class DPStrategy(DDPStrategy):
     def _release(self, optimizer: Optimizer) -> None:
         """Clip the last micro-batch, then write the step's private gradient (or its scores)."""
         self._release_pending = None
+        if self._watch is not None:
+            self._watch.refuse_changes("the backward pass")
         refuse_unclipped_gradients(optimizer, self.engine.parameters, self.lightning_module)
         self._clip_and_accumulate()
         if self._scoring is not None:

@@ -18,7 +18,6 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_sparta._logging import rank_zero_user_warn, shorten
-from lightning_sparta.privacy.replay import changed_buffers
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true")
 
@@ -127,35 +126,99 @@ def check_callbacks(callbacks: Iterable[pl.Callback], module: nn.Module) -> None
             )
 
 
-def floating_buffer_versions(module: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    """The version counter and a copy of every floating-point buffer of ``module``, by qualified name."""
-    return {name: (b._version, b.detach().clone()) for name, b in module.named_buffers() if b.is_floating_point()}
+_SAME_SIZE_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def refuse_changed_buffers(module: nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
-    """Refuse floating-point buffers that ``training_step`` changed in place since ``before``, restoring them.
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (a NaN equals itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = _SAME_SIZE_INTEGER.get(a.element_size())
+    return torch.equal(a.view(bits), b.view(bits)) if bits is not None else torch.equal(a, b)
 
-    A layer that keeps statistics of what it sees (a running mean, a normaliser's estimate) updates them
-    from private batches, and they are released with the weights, without noise. The known layers are
-    handled by type (BatchNorm frozen, InstanceNorm with running statistics refused); this catches the
-    others on the first step. Integer buffers (step counters) are not checked.
 
-    Raises:
-        RuntimeError: naming the buffers.
+class StateWatch:
+    """The floating-point parameters and buffers of a module as a DP step starts, to refuse changes to them.
+
+    From the start of ``training_step`` to the step's release, after the backward pass, nothing may change
+    them: the optimizer moves the parameters afterwards, from the private gradient. A change in between (a
+    weight rescaled from the batch in the forward pass, statistics kept in a buffer, an optimizer stepped in
+    a gradient hook with autograd's raw gradient) is a function of the private batch released without
+    noise. Known layers are handled by type (BatchNorm frozen, InstanceNorm with running statistics and
+    ``Embedding(max_norm=...)`` refused by name); this catches the others.
+
+    Every step compares identities and version counters, which costs nothing. With ``values=True`` (the
+    first step after attaching) it also keeps a copy of every tensor: the comparison then sees changes
+    made through ``.data`` (which autograd's version counter does not count), and changed tensors are
+    restored before the refusal. Integer buffers (step counters) are not watched.
     """
-    changed = changed_buffers(module, {name: version for name, (version, _) in before.items()})
-    if not changed:
-        return
-    buffers = dict(module.named_buffers())
-    with torch.no_grad():
-        for name in changed:  # nothing of the private batch stays in the module
-            buffers[name].copy_(before[name][1])
-    raise RuntimeError(
-        f"DPStrategy: `training_step` changed the buffers {shorten(changed)} in place: a layer that updates "
-        "statistics of its inputs would release statistics of private batches without noise. Freeze such "
-        "statistics (eval mode, or the layer's own option), or move an update that does not depend on the "
-        "data out of `training_step` (e.g. to `on_train_batch_end`)."
-    )
+
+    def __init__(self, module: nn.Module, values: bool) -> None:
+        self.module = module
+        self._kept = {
+            kind: {
+                name: (t, t._version, t.detach().clone() if values else None)
+                for name, t in named
+                if t.is_floating_point()
+            }
+            for kind, named in (("parameters", module.named_parameters()), ("buffers", module.named_buffers()))
+        }
+
+    def _now(self, kind: str) -> dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters() if kind == "parameters" else self.module.named_buffers())
+
+    def changed(self, kind: str) -> list[str]:
+        """Names of the watched ``"parameters"`` or ``"buffers"`` replaced or changed since the watch began."""
+        now = self._now(kind)
+        changed = []
+        for name, (t, version, value) in self._kept[kind].items():
+            replaced = name in now and now[name] is not t
+            if replaced or t._version != version or (value is not None and not _same_values(t.detach(), value)):
+                changed.append(name)
+        return changed
+
+    def _restore(self, kind: str, names: list[str]) -> bool:
+        """Put back the tensors and values of ``names``; ``False`` when no copy was kept."""
+        if any(self._kept[kind][name][2] is None for name in names):
+            return False
+        with torch.no_grad():
+            for name in names:
+                t, _, value = self._kept[kind][name]
+                prefix, _, leaf = name.rpartition(".")
+                owner = self.module.get_submodule(prefix)
+                getattr(owner, f"_{kind}")[leaf] = t  # a reassigned tensor: the original object again
+                t.copy_(value)
+        return True
+
+    def refuse_changes(self, during: str) -> None:
+        """Raise if a watched tensor changed (restoring it where a copy was kept).
+
+        Args:
+            during: where the change happened, for the message (``"`training_step`"``, ``"the backward pass"``).
+
+        Raises:
+            RuntimeError: naming the parameters and buffers.
+        """
+        params, buffers = self.changed("parameters"), self.changed("buffers")
+        if not params and not buffers:
+            return
+        restored = self._restore("parameters", params) and self._restore("buffers", buffers)
+        what = " and ".join(
+            f"the {kind} {shorten(names)}" for kind, names in (("parameters", params), ("buffers", buffers)) if names
+        )
+        raise RuntimeError(
+            f"DPStrategy: {what} changed during {during}, before the step's release: the change is a function "
+            "of the private batch released without noise (a layer that rescales its weights or keeps statistics "
+            "of its inputs, an optimizer stepped in a gradient hook). Freeze such statistics (eval mode, or the "
+            "layer's own option); move an update that does not depend on the data out of `training_step` (e.g. "
+            "to `on_train_batch_end`); only the Trainer's optimizer may update parameters, from the private "
+            "gradient. "
+            + (
+                "They are restored to their values before the step."
+                if restored
+                else "The module in memory still holds the change: do not save or publish it."
+            )
+        )
 
 
 def private_monitors(trainer: pl.Trainer) -> dict[str, list[str]]:
