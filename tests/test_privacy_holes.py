@@ -1123,3 +1123,31 @@ def test_a_parameter_changed_in_a_later_step_is_refused():
     with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during"):
         _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3).fit(module)
     assert module.global_step == 2
+
+
+# --------------------------------------------------------------------------------------------- 23
+class _ClosureByHand(TinyModule):
+    """An `optimizer_step` override that runs the closure itself, then steps without it."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure):
+        optimizer_closure()
+        optimizer.step()
+
+
+class _LineSearch(TinyModule):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+def test_a_closure_run_outside_the_optimizer_step_is_refused_by_what_it_is():
+    """Run by hand, the closure's backward pass left autograd's raw batch gradient, and the refusal came
+    from the sum check, speaking of parameters used outside their module. LBFGS, which evaluates the
+    closure several times per step, crashed with a TypeError inside the strategy. Both are now named,
+    and no parameter moved."""
+    module = _ClosureByHand()
+    before = _flat(module)
+    with pytest.raises(RuntimeError, match=r"closure ran outside `optimizer.step\(closure=...\)`"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(module)
+    assert torch.equal(_flat(module), before)
+    with pytest.raises(ValueError, match=r"`LBFGS.step` needs a closure.*first-order optimizer"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(_LineSearch())

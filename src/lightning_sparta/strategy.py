@@ -63,6 +63,7 @@ from lightning_sparta.privacy.guards import (
     check_no_accumulation,
     check_no_batch_mixing,
     check_one_training_loader,
+    check_optimizer,
     check_trainer,
     refuse_unclipped_gradients,
     warn_private_monitors,
@@ -401,6 +402,7 @@ class DPStrategy(DDPStrategy):
                     f"DPStrategy supports exactly one optimizer (with any number of param groups), "
                     f"`configure_optimizers` returned {len(self.optimizers)}."
                 )
+            check_optimizer(self.optimizers[0])
             self._broadcast_model()
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -703,7 +705,15 @@ class DPStrategy(DDPStrategy):
         ``on_after_backward`` runs, so a hook that logs gradient norms there sees the private gradient,
         as one in ``on_before_optimizer_step`` does.
         """
-        if self._release_pending is None:  # not the last backward pass of a DP step
+        if self._release_pending is None:
+            if self.lightning_module.trainer.training:  # Lightning's closure, outside `optimizer_step`
+                raise RuntimeError(
+                    "DPStrategy: the training closure ran outside `optimizer.step(closure=...)`, or a second time "
+                    "in one step (an `optimizer_step` override that calls `optimizer_closure()` itself): DP-SGD "
+                    "forms one private gradient per step inside `optimizer.step`, and a backward pass anywhere "
+                    "else leaves autograd's raw batch gradient for the optimizer. Call "
+                    "`optimizer.step(closure=optimizer_closure)` once."
+                )
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
         self.pre_backward(closure_loss)

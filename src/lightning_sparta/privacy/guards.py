@@ -7,6 +7,7 @@ calls them when fitting starts and at every step.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -396,6 +397,28 @@ def check_one_training_loader(loaders: object) -> None:
             f"({type(loaders).__name__}): each would be sampled at its own rate and Lightning cycles the "
             "shorter ones, so the accounted ε would be wrong. Concatenate the datasets into one "
             "(torch.utils.data.ConcatDataset) and return a single DataLoader."
+        )
+
+
+def check_optimizer(optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose ``step`` needs a closure (``LBFGS``): it evaluates it several times a step.
+
+    Each evaluation would be another gradient of the same private batch, while DP-SGD releases one noisy
+    gradient per step; the strategy runs the closure once, before the optimizer steps.
+
+    Raises:
+        ValueError: naming the optimizer.
+    """
+    step = getattr(type(optimizer), "step", None)
+    try:
+        closure = inspect.signature(step).parameters.get("closure") if step is not None else None
+    except (TypeError, ValueError):  # a builtin without a signature
+        closure = None
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"DPStrategy: `{type(optimizer).__name__}.step` needs a closure, which it evaluates several times per "
+            "step (a line search): each evaluation would be another gradient of the same private batch, and "
+            "DP-SGD releases one noisy gradient per step. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
         )
 
 
