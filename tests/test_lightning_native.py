@@ -12,9 +12,13 @@ import re
 import time
 import warnings
 
+import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from lightning_sparta import DPStrategy, PrivacyBudgetCallback
 from lightning_sparta.privacy.accountant import MAX_TARGET_EPSILON, epsilon_for
@@ -264,3 +268,60 @@ def test_compact_mask_summary_and_pictures(tmp_path, package_log):
     image = events.Images("sparta/mask/net.fc")[0]  # Linear(96 -> 10): a [10, 96] weight
     assert image.width == 384
     assert 24 <= image.height <= 48  # aspect ratio kept (10:96), never squashed to a few pixels
+
+
+class _Backbone(TinyModule):
+    """A backbone and a head, for Lightning's `BackboneFinetuning` (it freezes `self.backbone` at first)."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=24)  # batch_size == n: q = 1, every sample in every step
+        del self.net
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.5)
+
+
+def _clipped_sum_over(module, names, x, y, clip):
+    """Σ_i clip(g_i) / n with g_i from `torch.func` over the parameters ``names`` (clipped jointly)."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss_one(trained, xi, yi):
+        return F.cross_entropy(functional_call(module, {**params, **trained}, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))({k: params[k] for k in names}, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum("i,i...->...", factor, g) / len(x) for k, g in per_sample.items()}
+
+
+def test_backbone_finetuning_clips_the_unfrozen_backbone_with_the_head():
+    """`BackboneFinetuning` freezes the backbone, then unfreezes it and adds a param group at an epoch
+    boundary: from that step on the backbone's per-sample gradients are clipped jointly with the head's
+    (σ = 0, q = 1: each step's gradient equals the `torch.func` clipped sum over the trainable set)."""
+    L.seed_everything(0)
+    module = _Backbone()
+    x, y = module.dataset.tensors
+    expected, seen = [], []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            expected.append(_clipped_sum_over(pl_module, names, x, y, clip=0.05))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    _trainer(strategy, max_epochs=2, callbacks=[finetuning, Watch()]).fit(module)
+    assert [sorted(s) for s in seen] == [["head.bias", "head.weight"], sorted(n for n, _ in module.named_parameters())]
+    for got, want in zip(seen, expected, strict=True):
+        assert sorted(got) == sorted(want)
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
