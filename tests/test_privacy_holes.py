@@ -1151,3 +1151,19 @@ def test_a_closure_run_outside_the_optimizer_step_is_refused_by_what_it_is():
     assert torch.equal(_flat(module), before)
     with pytest.raises(ValueError, match=r"`LBFGS.step` needs a closure.*first-order optimizer"):
         _trainer(DPStrategy(noise_multiplier=1.0)).fit(_LineSearch())
+
+
+class _SkipsBatches(TinyModule):
+    """Lightning's way to skip a batch, used to drop batches with a NaN loss or unwanted content."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("physical_batch_size", [None, 3])
+def test_skipping_a_batch_by_returning_none_is_refused_with_the_reason(physical_batch_size):
+    """A skip decided on the whole batch lets one sample cancel the others' contributions; the refusal
+    says so and points to what DP-SGD offers instead (it was a TypeError about the return type)."""
+    strategy = DPStrategy(noise_multiplier=1.0, physical_batch_size=physical_batch_size)
+    with pytest.raises(TypeError, match=r"returned None, which in Lightning skips the batch.*left out one by one"):
+        _trainer(strategy, max_epochs=1).fit(_SkipsBatches(batch_size=6))

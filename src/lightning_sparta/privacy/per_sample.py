@@ -826,6 +826,13 @@ def sum_of_losses(output: Any, batch_size: int, reduction: str) -> tuple[torch.T
         ValueError: if the loss is neither a scalar nor one loss per sample.
     """
     loss = output["loss"] if isinstance(output, dict) else output
+    if loss is None:
+        raise TypeError(
+            "`training_step` returned None, which in Lightning skips the batch. Under DP-SGD a decision taken "
+            "on the whole batch lets one sample remove every other sample's contribution, beyond the clipping "
+            "bound. Return the loss: samples whose gradient is NaN or infinite are left out one by one already, "
+            "and a weight of each sample's own (`(losses * keep).sum()`) leaves out others."
+        )
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
             f"`training_step` must return a loss tensor or a dict with a 'loss' tensor, got {type(loss).__name__}."
