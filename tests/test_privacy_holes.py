@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import (
     GradientAccumulationScheduler,
     LearningRateFinder,
     ModelCheckpoint,
+    OnExceptionCheckpoint,
     StochasticWeightAveraging,
 )
 from torch import nn
@@ -1115,14 +1116,21 @@ def test_parameters_changed_during_the_step_are_refused_and_restored(make, where
     assert torch.equal(_flat(module), before)
 
 
-def test_a_parameter_changed_in_a_later_step_is_refused():
+def test_a_parameter_changed_in_a_later_step_is_refused_and_never_checkpointed(tmp_path):
     """After the first step the check reads version counters only (no copies): an in-place change made
-    from the third step on is still refused."""
+    from the third step on is still refused. With no copy to restore, the changed weight is filled with
+    NaN, so the checkpoint `OnExceptionCheckpoint` writes on the refusal does not hold it."""
     L.seed_everything(0)
     module = _WeightFromBatch(through_data=False, from_step=2)
-    with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during"):
-        _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3).fit(module)
+    saver = OnExceptionCheckpoint(dirpath=tmp_path)
+    with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during.*filled with NaN"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3, callbacks=[saver], enable_checkpointing=True).fit(
+            module
+        )
     assert module.global_step == 2
+    saved = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["state_dict"]
+    assert saved["net.0.weight"].isnan().all()
+    assert not saved["net.2.weight"].isnan().any()
 
 
 # --------------------------------------------------------------------------------------------- 23

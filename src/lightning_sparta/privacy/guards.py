@@ -178,21 +178,29 @@ class StateWatch:
                 changed.append(name)
         return changed
 
-    def _restore(self, kind: str, names: list[str]) -> bool:
-        """Put back the tensors and values of ``names``; ``False`` when no copy was kept."""
-        if any(self._kept[kind][name][2] is None for name in names):
-            return False
+    def _undo(self, kind: str, names: list[str]) -> list[str]:
+        """Put back the tensors of ``names`` and their values; returns those whose values are lost.
+
+        A replaced tensor gets its original object back, which still holds the values from before the
+        step unless it was changed in place too. A tensor changed in place with no copy kept (after the
+        first step) cannot be restored: it is filled with NaN, so that no checkpoint written on the
+        refusal (``OnExceptionCheckpoint``) holds the change.
+        """
+        lost = []
         with torch.no_grad():
             for name in names:
-                t, _, value = self._kept[kind][name]
+                t, version, value = self._kept[kind][name]
                 prefix, _, leaf = name.rpartition(".")
-                owner = self.module.get_submodule(prefix)
-                getattr(owner, f"_{kind}")[leaf] = t  # a reassigned tensor: the original object again
-                t.copy_(value)
-        return True
+                getattr(self.module.get_submodule(prefix), f"_{kind}")[leaf] = t
+                if value is not None:
+                    t.copy_(value)
+                elif t._version != version:
+                    t.fill_(float("nan"))
+                    lost.append(name)
+        return lost
 
     def refuse_changes(self, during: str) -> None:
-        """Raise if a watched tensor changed (restoring it where a copy was kept).
+        """Raise if a watched tensor changed, after undoing the change (see :meth:`_undo`).
 
         Args:
             during: where the change happened, for the message (``"`training_step`"``, ``"the backward pass"``).
@@ -200,13 +208,11 @@ class StateWatch:
         Raises:
             RuntimeError: naming the parameters and buffers.
         """
-        params, buffers = self.changed("parameters"), self.changed("buffers")
-        if not params and not buffers:
+        changed = {kind: self.changed(kind) for kind in ("parameters", "buffers")}
+        if not any(changed.values()):
             return
-        restored = self._restore("parameters", params) and self._restore("buffers", buffers)
-        what = " and ".join(
-            f"the {kind} {shorten(names)}" for kind, names in (("parameters", params), ("buffers", buffers)) if names
-        )
+        lost = [name for kind, names in changed.items() for name in self._undo(kind, names)]
+        what = " and ".join(f"the {kind} {shorten(names)}" for kind, names in changed.items() if names)
         raise RuntimeError(
             f"DPStrategy: {what} changed during {during}, before the step's release: the change is a function "
             "of the private batch released without noise (a layer that rescales its weights or keeps statistics "
@@ -215,9 +221,10 @@ class StateWatch:
             "to `on_train_batch_end`); only the Trainer's optimizer may update parameters, from the private "
             "gradient. "
             + (
-                "They are restored to their values before the step."
-                if restored
-                else "The module in memory still holds the change: do not save or publish it."
+                f"No copy of {shorten(lost)} is kept after the first step, so they are filled with NaN: no "
+                "checkpoint written on this error holds the change. Reload your last checkpoint."
+                if lost
+                else "They are restored to their values before the step."
             )
         )
 
