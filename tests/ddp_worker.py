@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded | unseeded_sparse | views;
+(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan;
 CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
@@ -27,6 +27,7 @@ class IndexedModule(L.LightningModule):
         self.net = nn.Sequential(nn.Linear(6, width), nn.GroupNorm(2, width), nn.Tanh(), nn.Linear(width, 3))
         self.zero_loss = zero_loss
         self.views = 1
+        self.poisoned = False  # sample 5 holds a NaN
         self.indices: list[list[int]] = []
         self.register_buffer("offset", torch.randn(6))
 
@@ -50,6 +51,8 @@ class IndexedModule(L.LightningModule):
         x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
         if self.views > 1:  # augmentation multiplicity: each sample's views, [N, views, 6]
             x = x[:, None] + 0.1 * torch.randn(N, self.views, 6, generator=g)
+        if self.poisoned:
+            x[5].view(-1)[0] = float("nan")
         return DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=BATCH, shuffle=True)
 
 
@@ -66,6 +69,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
 
         sparsify_(module, {"net.0": torch.randperm(8)[:3]})
     module.views = 3 if mode == "views" else 1
+    module.poisoned = mode == "nan"
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     rows = module.net[0].rows.clone() if mode == "unseeded_sparse" else None
     callbacks = []

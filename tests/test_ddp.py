@@ -142,3 +142,14 @@ def test_augmentation_multiplicity_under_ddp(tmp_path):
         assert torch.equal(p, r1["params"][name]), name
     assert r0["epsilon"] == r1["epsilon"]
     assert r0["steps"] == r1["steps"] == 3 * 4
+
+
+def test_a_non_finite_sample_is_left_out_on_its_rank(tmp_path):
+    """Sample 5 holds a NaN: whichever rank draws it leaves it out of its clipped sum, so the all-reduced
+    release stays finite, and the ranks stay identical (no collective depends on it)."""
+    r0, r1 = _run(tmp_path, "nan", "auto")
+    assert any(5 in micro for rank in (r0, r1) for micro in rank["indices"])
+    for name, p in r0["params"].items():
+        assert not p.isnan().any(), name
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["steps"] == r1["steps"] == 3 * 4
