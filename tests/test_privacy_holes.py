@@ -1175,3 +1175,17 @@ def test_skipping_a_batch_by_returning_none_is_refused_with_the_reason(physical_
     strategy = DPStrategy(noise_multiplier=1.0, physical_batch_size=physical_batch_size)
     with pytest.raises(TypeError, match=r"returned None, which in Lightning skips the batch.*left out one by one"):
         _trainer(strategy, max_epochs=1).fit(_SkipsBatches(batch_size=6))
+
+
+class _PenalisedLoss(TinyModule):
+    """An L2 penalty on the weights added to the loss: its gradient reaches no module's output."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-2 * sum(p.pow(2).sum() for p in self.parameters())
+
+
+def test_a_weight_penalty_in_the_loss_is_refused_pointing_to_weight_decay():
+    """The penalty's gradient bypasses the per-sample hooks, so the parameters' per-sample gradients do not
+    add up; the refusal names this common case and the optimizer's `weight_decay`, which costs no privacy."""
+    with pytest.raises(RuntimeError, match=r"do not add up.*L2 regularisation.*`weight_decay`"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(_PenalisedLoss(batch_size=12))

@@ -805,9 +805,11 @@ class DPStrategy(DDPStrategy):
         wrong = self.clipping_engine.sums_not_adding_up(self.engine.loss_scale, tolerance)
         if wrong:
             raise RuntimeError(
-                f"Per-sample gradients of {wrong} do not add up to their batch gradient: these parameters are used "
-                "outside the forward pass of the module that owns them (or by a module whose grad sampler is "
-                "wrong). Their updates would not be private; freeze them or move their use into a module's forward."
+                f"DPStrategy: per-sample gradients of {wrong} do not add up to their batch gradient: these parameters "
+                "are used outside the forward pass of the module that owns them (or by a module whose grad sampler "
+                "is wrong). Their updates would not be private; freeze them or move their use into a module's "
+                "forward. A penalty on the weights added to the loss (L2 regularisation) is such a use: set the "
+                "optimizer's `weight_decay` instead, which acts after the release and costs no privacy."
             )
 
     def _standard_noise(self, numel: int, device: torch.device) -> torch.Tensor | None:
