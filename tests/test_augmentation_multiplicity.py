@@ -157,3 +157,36 @@ def test_sparta_scores_each_sample_over_its_views(clipping):
     for name in scored:
         expected = torch.einsum("i,i...->...", factor, per_sample[name].abs())
         torch.testing.assert_close(found[name].view_as(expected), expected, atol=1e-7, rtol=1e-4, msg=name)
+
+
+class _StandardisedViews(ViewsModule):
+    """timm's weight-standardised conv (NF-Nets, BiT) in place of the plain one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import StdConv2d
+
+        torch.manual_seed(0)
+        self.net[0] = StdConv2d(2, 4, 3, padding=1)
+
+
+def test_weight_standardised_convs_train_with_views_per_sample_and_are_refused_by_name_under_ghost():
+    """`clipping="per_sample"` sums the views' closed-form per-sample gradients of a weight-standardised
+    conv: the step equals the `torch.func` reference. Its ghost form's normalisation correction has no
+    per-view form: the ghost engines refuse it by name instead of clipping something else."""
+    L.seed_everything(0)
+    module = _StandardisedViews()
+    x, y = module.data.tensors
+    expected = _reference(module, x, y)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0, max_grad_norm=CLIP, clipping="per_sample", augmentation_multiplicity=K
+        )
+    _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
+    for clipping in ("auto", "ghost"):
+        ghost = DPStrategy(noise_multiplier=1.0, clipping=clipping, augmentation_multiplicity=K)
+        with pytest.raises(ValueError, match=r"net\.0.*weight-standardised convs are not supported with several views"):
+            _trainer(ghost, max_steps=1).fit(_StandardisedViews())
