@@ -1004,6 +1004,27 @@ def test_a_non_finite_sample_is_left_out_of_sparta_scores(tmp_path, clipping):
         torch.testing.assert_close(callback.scores[layer], expected[layer], rtol=1e-4, atol=1e-7)
 
 
+class _InfiniteLoss(_Tokens):
+    """One sample's loss is infinite (a log of zero): the embedding's ghost form and the Linear's see it."""
+
+    def __init__(self):
+        super().__init__(max_norm=None)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = F.cross_entropy(self.head(self.emb(x).mean(1)), y, reduction="none")
+        return losses * torch.where(torch.arange(len(y)) == 2, math.inf, 1.0)
+
+
+@CLIPPING
+def test_a_sample_with_an_infinite_loss_is_left_out_of_an_embedding_model(clipping):
+    L.seed_everything(0)
+    module = _InfiniteLoss()
+    with pytest.warns(UserWarning, match="not finite"):
+        _trainer(DPStrategy(noise_multiplier=1.0, clipping=clipping)).fit(module)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 class _FirstBatchPoisoned(TinyModule):
     """A parameter used outside its module (refused by the sum check), and a NaN sample in the first batch."""
 
