@@ -158,3 +158,33 @@ def test_per_sample_paths_on_gpu_equal_torch_func(case):
 def test_torchvision_transformers_on_gpu_equal_torch_func(name):
     """nn.MultiheadAttention and Swin's window attention replayed with their functional children on CUDA."""
     check_one_step_equals_clipped_sum(name, accelerator="gpu")
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "auto"])
+def test_a_non_finite_sample_is_left_out_on_gpu(clipping):
+    """The NaN sample's rows are zeroed on the device; the update is the clipped sum over the others."""
+    from test_privacy_holes import _NormedModule, _poisoned
+
+    L.seed_everything(0)
+    module = _NormedModule(dataset=_poisoned(math.nan), batch_size=24)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    x, y = module.dataset.tensors
+    keep = torch.arange(24) != 3
+    expected = _clipped_sum_reference(module, x[keep], y[keep], clip=0.05)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping, physical_batch_size=5)
+    with pytest.warns(UserWarning, match="not finite"):
+        _trainer(strategy, max_steps=1, accelerator="gpu").fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach().cpu(), expected[name] / 24, atol=1e-6, rtol=1e-4)
+
+
+def test_parameters_changed_during_a_step_are_refused_on_gpu():
+    """The state watch compares device tensors bit for bit, and restores them on the device."""
+    from test_privacy_holes import _flat, _WeightFromBatch
+
+    module = _WeightFromBatch(through_data=True)
+    before = _flat(module)
+    with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during `training_step`"):
+        _trainer(DPStrategy(noise_multiplier=1.0), accelerator="gpu").fit(module)
+    assert torch.equal(_flat(module).cpu(), before)
