@@ -6,6 +6,7 @@ from lightning_sparta.privacy.accountant import (
     create_accountant,
     epsilon_for,
 )
+from lightning_sparta.privacy.independence import SampleCouplingError, check_sample_independence
 from lightning_sparta.privacy.per_sample import (
     PerSampleGradients,
     register_broadcast_parameters,
@@ -21,7 +22,9 @@ __all__ = [
     "IncompatibleModelError",
     "PerSampleGradients",
     "PoissonBatchSampler",
+    "SampleCouplingError",
     "calibrate_noise_multiplier",
+    "check_sample_independence",
     "create_accountant",
     "epsilon_for",
     "register_broadcast_parameters",

@@ -1,0 +1,153 @@
+"""A check that each sample's gradient depends on that sample alone.
+
+Clipping bounds what one sample contributes only if sample ``i``'s gradient is a function of sample
+``i``. Code that mixes the samples of a batch breaks this without any error: a loss normalised by a
+batch statistic, in-batch negatives (``z @ z.T``), a layer that centres over the batch
+(``x - x.mean(0)``), MixUp written by hand. The strategy refuses the mixers it knows (BatchNorm in
+train mode, timm's and torchvision's MixUp/CutMix) but cannot see hand-written ones during training.
+
+:func:`check_sample_independence` finds them on one batch, outside training: it runs ``training_step``
+twice, on the batch and on the batch with its last sample replaced by a copy of its first, and compares
+the per-sample gradients of the other samples, which must not move. It finds any coupling that involves
+the last sample (a batch statistic, a pairing such as ``x.flip(0)``), not one among the others only.
+Every random generator (torch's, CUDA's, ``random``'s and NumPy's) is restored between the two runs, so
+dropout and random augmentation inside ``training_step`` draw the same values both times. Run it in a
+test or a notebook on a batch of real shape.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
+from lightning_sparta.privacy.sampler import batch_size_of
+
+
+class SampleCouplingError(ValueError):
+    """Raised by :func:`check_sample_independence` when a sample's gradient depends on another sample."""
+
+
+@contextmanager
+def _same_randomness() -> Iterator[None]:
+    """Restore every random generator when the block ends."""
+    states = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        random.getstate(),
+        np.random.get_state(),
+    )
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            torch.cuda.set_rng_state_all(states[1])
+        random.setstate(states[2])
+        np.random.set_state(states[3])
+
+
+def _replace_last_by_first(batch: Any, size: int) -> Any:
+    def replace(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != size:
+            return t
+        t = t.clone()
+        t[-1] = t[0]
+        return t
+
+    return apply_to_collection(batch, torch.Tensor, replace)
+
+
+def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, size: int) -> torch.Tensor:
+    with hooks.capturing():
+        output = module.training_step(batch, 0)
+        loss, _, hooks.loss_scale = sum_of_losses(output, size, "mean")
+        loss.backward()
+    # each sample's gradient norm per parameter tensor: [B, tensors], without keeping B copies of the model
+    norms = torch.stack(
+        [p.grad_sample.detach().reshape(size, -1).double().norm(dim=1) for p in hooks.parameters if _has(p)], dim=1
+    )
+    hooks.clear()
+    for p in hooks.parameters:
+        p.grad = None
+    return norms
+
+
+def _has(p: nn.Parameter) -> bool:
+    return getattr(p, "grad_sample", None) is not None
+
+
+def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 1e-4) -> float:
+    """Raise if a sample's gradient in ``module.training_step`` depends on other samples of ``batch``.
+
+    ``training_step(batch, 0)`` runs twice in train mode (BatchNorm layers in eval mode, as
+    :class:`~lightning_sparta.DPStrategy` freezes them), on ``batch`` and on ``batch`` with its last
+    sample replaced by its first, with every random generator restored in between. The per-sample
+    gradients of samples ``0 .. B-2`` are compared by their norms per parameter tensor (so memory stays
+    that of one DP step). The module's parameters, gradients and modes are left as they were; what
+    ``training_step`` itself does (logging, counters) happens twice.
+
+    Args:
+        module: a LightningModule (anything with ``training_step(batch, batch_idx)`` returning a loss
+            that is the mean of per-sample losses, their sum or one loss per sample).
+        batch: one training batch of at least 2 samples, batch dimension first.
+        tolerance: the largest relative change allowed in a sample's gradient norms, one per parameter
+            tensor: ``‖n_i - n'_i‖ / ‖n_i‖`` (float rounding is far below the default).
+
+    Returns:
+        The largest relative change found.
+
+    Raises:
+        SampleCouplingError: naming the sample, the change and the usual causes.
+        ValueError: for a batch of fewer than 2 samples or a non-positive ``tolerance``.
+    """
+    if not (isinstance(tolerance, float | int) and not isinstance(tolerance, bool) and tolerance > 0):
+        raise ValueError(f"`tolerance` must be a positive number, got {tolerance!r}.")
+    size = batch_size_of(batch)
+    if size < 2:
+        raise ValueError(f"`batch` must hold at least 2 samples, one to replace and one to compare, got {size}.")
+    modes = {m: m.training for m in module.modules()}
+    grads = {p: p.grad for p in module.parameters()}
+    hooks = PerSampleGradients()
+    try:
+        module.train()
+        for m in module.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+        hooks.attach(module)
+        with _same_randomness():
+            first = _per_sample_norms(module, hooks, batch, size)
+        with _same_randomness():
+            second = _per_sample_norms(module, hooks, _replace_last_by_first(batch, size), size)
+    finally:
+        hooks.detach()
+        for m, training in modes.items():
+            m.train(training)
+        for p, g in grads.items():
+            p.grad = g
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+    before, after = first[:-1], second[:-1]
+    scale = before.norm(dim=1).clamp(min=1e-6 * float(before.norm(dim=1).max()) + 1e-30)
+    change = (after - before).norm(dim=1) / scale
+    worst = int(change.argmax())
+    if float(change[worst]) > tolerance:
+        raise SampleCouplingError(
+            f"Sample {worst}'s gradient changed by {float(change[worst]):.2g} (relative) when another sample "
+            "of the batch was replaced: the samples are coupled, and clipping does not bound what one sample "
+            "contributes. Look for a loss normalised by a batch statistic, in-batch negatives, a layer that "
+            "reduces over the batch dimension or hand-written mixing; each sample's loss must depend on that "
+            "sample alone."
+        )
+    return float(change.max())
+
+
+__all__ = ["SampleCouplingError", "check_sample_independence"]

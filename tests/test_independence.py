@@ -1,0 +1,150 @@
+"""`check_sample_independence`: per-sample gradients that depend on other samples of the batch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sparta.privacy import SampleCouplingError, check_sample_independence
+from test_strategy import TinyModule
+
+
+def _batch(n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class _Centred(TinyModule):
+    """A layer that centres over the batch dimension (a hand-written batch normalisation)."""
+
+    def forward(self, x):
+        h = self.net[0](x)
+        return self.net[2](self.net[1](h - h.mean(0)))
+
+
+class _NormalisedLoss(TinyModule):
+    """Each sample's loss divided by the batch's total loss (weights from the other samples)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        return (losses / losses.detach().sum()).sum()
+
+
+class _InBatchNegatives(TinyModule):
+    """A contrastive loss: every other sample of the batch is a negative."""
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        z = F.normalize(self(x), dim=1)
+        logits = z @ z.T / 0.1
+        return F.cross_entropy(logits, torch.arange(len(x)))
+
+
+class _HandMixup(TinyModule):
+    """MixUp written by hand: each sample mixed with the batch reversed."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        lam = float(torch.rand(()))
+        mixed = lam * x + (1 - lam) * x.flip(0)
+        logits = self(mixed)
+        return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y.flip(0))
+
+
+class _Stochastic(TinyModule):
+    """Dropout, random augmentation in training_step and a BatchNorm: independent once BN is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x + 0.1 * torch.randn_like(x)
+        return super().training_step((x, y), batch_idx)
+
+
+@pytest.mark.parametrize("module_cls", [_Centred, _NormalisedLoss, _InBatchNegatives, _HandMixup])
+def test_samples_mixed_by_hand_are_found(module_cls):
+    """The couplings the strategy cannot see while training (README: "what you must not do")."""
+    L.seed_everything(0)
+    with pytest.raises(SampleCouplingError, match=r"Sample \d+'s gradient changed by .* samples are coupled"):
+        check_sample_independence(module_cls(), _batch())
+
+
+@pytest.mark.parametrize("module_cls", [TinyModule, _Stochastic])
+def test_independent_samples_pass_with_randomness_and_nothing_changes(module_cls):
+    """Dropout and random noise in training_step draw the same values in both runs; BatchNorm is in eval
+    mode as DPStrategy freezes it. Parameters, gradients, modes and BN statistics are left as they were."""
+    L.seed_everything(0)
+    module = module_cls()
+    module.train()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    rng = torch.get_rng_state()
+    change = check_sample_independence(module, _batch())
+    assert change < 1e-5
+    assert module.training
+    assert all(m.training for m in module.modules())
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in module.parameters())
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_dropout_model_without_restored_randomness_would_look_coupled():
+    """The check's restoring of the generators is what makes random models pass (guards the test above)."""
+    from lightning_sparta.privacy import independence
+
+    L.seed_everything(0)
+    original = independence._same_randomness
+    try:
+        independence._same_randomness = _no_restore
+        with pytest.raises(SampleCouplingError):
+            check_sample_independence(_Stochastic(), _batch())
+    finally:
+        independence._same_randomness = original
+
+
+def _no_restore():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+@pytest.mark.parametrize(("batch", "tolerance", "match"), [(_batch(1), 1e-4, "at least 2"), (_batch(), 0, "tolerance")])
+def test_bad_arguments_are_named(batch, tolerance, match):
+    with pytest.raises(ValueError, match=match):
+        check_sample_independence(TinyModule(), batch, tolerance=tolerance)
+
+
+class _Timm(L.LightningModule):
+    def __init__(self, name: str, **kwargs):
+        super().__init__()
+        import timm
+
+        torch.manual_seed(0)
+        self.model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("train_loss", loss)  # outside a Trainer: Lightning warns and logs nothing
+        return loss
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log")
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet18", {}),
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "drop_path_rate": 0.2}),
+    ],
+)
+def test_timm_models_with_batchnorm_and_stochastic_depth_pass(name, kwargs):
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+    assert check_sample_independence(_Timm(name, **kwargs), batch) < 1e-4
