@@ -55,6 +55,14 @@ class _HandMixup(TinyModule):
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y.flip(0))
 
 
+class _MixedAfterTransfer(TinyModule):
+    """Mixing in `on_after_batch_transfer`, where GPU augmentation libraries run."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return 0.7 * x + 0.3 * x.roll(1, 0), y
+
+
 class _Stochastic(TinyModule):
     """Dropout, random augmentation in training_step and a BatchNorm: independent once BN is frozen."""
 
@@ -68,7 +76,7 @@ class _Stochastic(TinyModule):
         return super().training_step((x, y), batch_idx)
 
 
-@pytest.mark.parametrize("module_cls", [_Centred, _NormalisedLoss, _InBatchNegatives, _HandMixup])
+@pytest.mark.parametrize("module_cls", [_Centred, _NormalisedLoss, _InBatchNegatives, _HandMixup, _MixedAfterTransfer])
 def test_samples_mixed_by_hand_are_found(module_cls):
     """The couplings the strategy cannot see while training (README: "what you must not do")."""
     L.seed_everything(0)

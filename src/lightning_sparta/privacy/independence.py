@@ -67,6 +67,9 @@ def _replace_last_by_first(batch: Any, size: int) -> Any:
 
 
 def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, size: int) -> torch.Tensor:
+    for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):  # a LightningModule's batch hooks
+        if hasattr(module, hook):
+            batch = getattr(module, hook)(batch, 0)
     with hooks.capturing():
         output = module.training_step(batch, 0)
         loss, _, hooks.loss_scale = sum_of_losses(output, size, "mean")
@@ -88,11 +91,12 @@ def _has(p: nn.Parameter) -> bool:
 def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 1e-4) -> float:
     """Raise if a sample's gradient in ``module.training_step`` depends on other samples of ``batch``.
 
-    ``training_step(batch, 0)`` runs twice in train mode (BatchNorm layers in eval mode, as
-    :class:`~lightning_sparta.DPStrategy` freezes them), on ``batch`` and on ``batch`` with its last
-    sample replaced by its first, with every random generator restored in between. The per-sample
-    gradients of samples ``0 .. B-2`` are compared by their norms per parameter tensor (so memory stays
-    that of one DP step). The module's parameters, gradients and modes are left as they were; what
+    ``training_step(batch, 0)``, after the module's ``on_before_batch_transfer`` and
+    ``on_after_batch_transfer`` (where GPU augmentation often runs), runs twice in train mode (BatchNorm
+    layers in eval mode, as :class:`~lightning_sparta.DPStrategy` freezes them): on ``batch`` and on
+    ``batch`` with its last sample replaced by its first, with every random generator restored in between.
+    The per-sample gradients of samples ``0 .. B-2`` are compared by their norms per parameter tensor (so
+    memory stays that of one DP step). The module's parameters, gradients and modes are left as they were; what
     ``training_step`` itself does (logging, counters) happens twice.
 
     Args:
