@@ -112,6 +112,23 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
     Raises:
         SampleCouplingError: naming the sample, the change and the usual causes.
         ValueError: for a batch of fewer than 2 samples or a non-positive ``tolerance``.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> class Centring(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 2)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.fc(x - x.mean(0)), y)  # centres over the batch
+        >>> batch = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> try:
+        ...     check_sample_independence(Centring(), batch)
+        ... except SampleCouplingError as error:
+        ...     print("coupled" if "samples are coupled" in str(error) else error)
+        coupled
     """
     if not (isinstance(tolerance, float | int) and not isinstance(tolerance, bool) and tolerance > 0):
         raise ValueError(f"`tolerance` must be a positive number, got {tolerance!r}.")
