@@ -156,3 +156,14 @@ def test_timm_models_with_batchnorm_and_stochastic_depth_pass(name, kwargs):
     g = torch.Generator().manual_seed(0)
     batch = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
     assert check_sample_independence(_Timm(name, **kwargs), batch) < 1e-4
+
+
+def test_a_model_that_folds_the_batch_is_refused_by_name():
+    """Rows that are not samples (windows folded into the batch) cannot be compared sample by sample."""
+
+    class Folding(TinyModule):
+        def forward(self, x):
+            return self.net(x.reshape(-1, 3).repeat(1, 2)).reshape(x.shape[0], -1, 3).mean(1)
+
+    with pytest.raises(ValueError, match=r"`net.0.weight` have 16 rows for a batch of 8"):
+        check_sample_independence(Folding(), _batch())

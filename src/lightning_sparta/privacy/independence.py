@@ -74,6 +74,15 @@ def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, 
         output = module.training_step(batch, 0)
         loss, _, hooks.loss_scale = sum_of_losses(output, size, "mean")
         loss.backward()
+    for p in hooks.parameters:
+        if _has(p) and p.grad_sample.shape[0] != size:
+            name, rows = hooks.parameter_names.get(p, "?"), p.grad_sample.shape[0]
+            hooks.clear()
+            raise ValueError(
+                f"Per-sample gradients of `{name}` have {rows} rows for a batch of {size}: the "
+                "model folds the batch into another dimension, or runs this layer once for the whole batch, so "
+                "its samples cannot be compared (DPStrategy refuses such a model too)."
+            )
     # each sample's gradient norm per parameter tensor: [B, tensors], without keeping B copies of the model
     norms = torch.stack(
         [p.grad_sample.detach().reshape(size, -1).double().norm(dim=1) for p in hooks.parameters if _has(p)], dim=1
@@ -111,7 +120,8 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
 
     Raises:
         SampleCouplingError: naming the sample, the change and the usual causes.
-        ValueError: for a batch of fewer than 2 samples or a non-positive ``tolerance``.
+        ValueError: for a batch of fewer than 2 samples or a non-positive ``tolerance``, or a model whose
+            per-sample gradients do not have one row per sample (a batch folded into another dimension).
 
     Example:
         >>> import torch.nn.functional as F
