@@ -27,9 +27,19 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
 )
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    RandomSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from lightning_sparta import DPStrategy
+from lightning_sparta.privacy import epsilon_for
 from test_strategy import TinyModule, _clipped_sum_reference, _data, _trainer
 
 # the clipping engines of issue 10: every hole must stay closed on each of them
@@ -1210,3 +1220,56 @@ def test_a_weight_penalty_in_the_loss_is_refused_pointing_to_weight_decay():
     add up; the refusal names this common case and the optimizer's `weight_decay`, which costs no privacy."""
     with pytest.raises(RuntimeError, match=r"do not add up.*L2 regularisation.*`weight_decay`"):
         _trainer(DPStrategy(noise_multiplier=1.0)).fit(_PenalisedLoss(batch_size=12))
+
+
+# --------------------------------------------------------------------------------------------- 24
+class _SubsetSampled(TinyModule):
+    """The older PyTorch way to hold out a validation split: a SubsetRandomSampler over the training set."""
+
+    def __init__(self, indices):
+        super().__init__(batch_size=4)
+        self.indices = indices
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=4, sampler=SubsetRandomSampler(self.indices))
+
+
+def _rows_seen(module: TinyModule) -> set[int]:
+    x = module.dataset.tensors[0]
+    return {int((x == row).all(1).nonzero()[0]) for row in torch.cat(module.seen)}
+
+
+def test_a_subset_random_sampler_keeps_training_on_its_indices():
+    """Replaced by Poisson sampling over the whole dataset, a SubsetRandomSampler's held-out examples
+    (often the validation split) were trained on. Poisson sampling now runs over its indices, with
+    q = batch_size / len(indices), and the warning says so."""
+    module = _SubsetSampled(list(range(12)))
+    strategy = DPStrategy(noise_multiplier=1.0, seed=0)
+    with pytest.warns(UserWarning, match=r"SubsetRandomSampler.*over its 12 indices"):
+        _trainer(strategy, max_epochs=3).fit(module)
+    assert strategy.sample_rate == pytest.approx(4 / 12)
+    assert strategy.num_samples == 12
+    assert _rows_seen(module) <= set(range(12))
+    assert strategy.epsilon() == pytest.approx(epsilon_for([(1.0, 4 / 12, strategy.steps)], 1e-5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda data: DataLoader(data, batch_size=4, sampler=SubsetRandomSampler([0, 1, 2, 2, 3, 4])),
+        lambda data: DataLoader(Subset(data, [0, 1, 2, 3, 3, 3]), batch_size=4),
+        lambda data: DataLoader(ConcatDataset([data, data]), batch_size=4),  # "oversampling"
+        lambda data: DataLoader(Subset(ConcatDataset([data, Subset(data, [5])]), range(25)), batch_size=4),
+    ],
+    ids=["subset_sampler", "subset", "concat", "nested"],
+)
+def test_training_data_that_repeats_an_example_is_refused(make):
+    """An example that appears twice in the training set is drawn twice per step and contributes up to
+    2C: the guarantee would hold for neither copy. Repeated indices or datasets are refused by name."""
+
+    class Repeats(TinyModule):
+        def train_dataloader(self):
+            return make(self.dataset)
+
+    with pytest.raises(ValueError, match=r"appears more than once|more than once in the training"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(Repeats())

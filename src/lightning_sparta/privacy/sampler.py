@@ -18,7 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 
 from lightning_sparta._logging import warn
 
@@ -214,7 +224,7 @@ def expected_batch_size(dataloader: DataLoader) -> int:
             f"The training DataLoader has no usable `batch_size` (found {batch_size!r} on {where}): DPStrategy "
             "derives the sampling rate q = batch_size / len(dataset) from it. Give the DataLoader a `batch_size`."
         )
-    sampler = getattr(dataloader.batch_sampler, "sampler", None) if user_batch_sampler else dataloader.sampler
+    sampler = _users_sampler(dataloader)
     replaced = []
     if user_batch_sampler:
         kind = type(dataloader.batch_sampler).__name__
@@ -222,17 +232,72 @@ def expected_batch_size(dataloader: DataLoader) -> int:
     if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
         replaced.append(f"sampler {type(sampler).__name__}")
     if replaced:
+        over = (
+            f" over its {len(sampler.indices)} indices (q = {batch_size} / {len(sampler.indices)})"
+            if isinstance(sampler, SubsetRandomSampler)
+            else ""
+        )
         warn(
             f"DPStrategy: the training DataLoader's {' and '.join(replaced)} is replaced by uniform Poisson "
-            f"sampling with expected batch size {batch_size}: the privacy analysis needs every example to enter "
-            "each batch independently with the same probability. Weighting, class balancing or any other "
+            f"sampling{over} with expected batch size {batch_size}: the privacy analysis needs every example to "
+            "enter each batch independently with the same probability. Weighting, class balancing or any other "
             "sampling order is not applied."
         )
     return batch_size
 
 
+def _users_sampler(dataloader: DataLoader) -> Sampler | None:
+    """The loader's sampler, or its own ``batch_sampler``'s."""
+    if dataloader.batch_size is None and dataloader.batch_sampler is not None:
+        return getattr(dataloader.batch_sampler, "sampler", None)
+    return dataloader.sampler
+
+
+def _examples(dataset: Dataset) -> list[tuple[int, int]] | None:
+    """``(id of the dataset it comes from, index there)`` of every example, through ``Subset`` and
+    ``ConcatDataset``; ``None`` for a dataset that holds its examples itself."""
+    if isinstance(dataset, Subset):
+        inner = _examples(dataset.dataset)
+        indices = [int(i) for i in dataset.indices]
+        return [inner[i] for i in indices] if inner is not None else [(id(dataset.dataset), i) for i in indices]
+    if isinstance(dataset, ConcatDataset):
+        out: list[tuple[int, int]] = []
+        for part in dataset.datasets:
+            inner = _examples(part)
+            out += inner if inner is not None else [(id(part), i) for i in range(len(part))]  # type: ignore[arg-type]
+        return out
+    return None
+
+
+def check_no_repeated_examples(dataset: Dataset) -> None:
+    """Refuse a training set in which an example appears more than once (through ``Subset`` indices,
+    ``ConcatDataset`` parts or a ``SubsetRandomSampler``).
+
+    A repeated example is drawn once per copy in every Poisson step and contributes up to ``k·C``: the
+    guarantee would hold for none of its copies (only group privacy of size ``k``).
+
+    Raises:
+        ValueError: naming the example.
+    """
+    examples = _examples(dataset)
+    if examples is None or len(set(examples)) == len(examples):
+        return
+    seen: set[tuple[int, int]] = set()
+    repeated = next(e for e in examples if e in seen or seen.add(e))  # type: ignore[func-returns-value]
+    raise ValueError(
+        f"DPStrategy: example {repeated[1]} of the underlying dataset appears more than once in the training set "
+        "(repeated `Subset` or `SubsetRandomSampler` indices, or a dataset concatenated with itself, as for "
+        "oversampling): each copy is drawn on its own, so that example could contribute several clipped "
+        "gradients per step and the guarantee would not hold for it. Keep each example once; weighting or "
+        "oversampling is not compatible with uniform Poisson sampling."
+    )
+
+
 def training_data(dataloader: object) -> tuple[DataLoader, int, int]:
     """``(loader, n, expected batch size)`` of the user's training loader, or an error saying what to change.
+
+    A ``SubsetRandomSampler`` makes its indices the training set: the loader returned is over that
+    ``Subset``, so Poisson sampling draws from the examples the user trains on and nothing else.
 
     Raises:
         TypeError: if it is not a ``DataLoader`` over a map-style dataset.
@@ -249,10 +314,23 @@ def training_data(dataloader: object) -> tuple[DataLoader, int, int]:
             f"The training dataset is an IterableDataset ({type(dataset).__name__}): Poisson sampling "
             "needs random access. Use a map-style dataset (with __getitem__ and __len__)."
         )
+    batch_size = expected_batch_size(dataloader)  # of the user's loader (and its warning)
+    sampler = _users_sampler(dataloader)
+    if isinstance(sampler, SubsetRandomSampler):  # the examples it draws from are the training set
+        dataset = Subset(dataset, [int(i) for i in sampler.indices])
+        dataloader = DataLoader(
+            dataset,
+            batch_size=1,  # not used: the strategy puts its Poisson batch sampler over this dataset
+            num_workers=dataloader.num_workers,
+            collate_fn=dataloader.collate_fn,
+            pin_memory=dataloader.pin_memory,
+            worker_init_fn=dataloader.worker_init_fn,
+            persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
+        )
+    check_no_repeated_examples(dataset)
     num_samples = len(dataset)  # type: ignore[arg-type]
     if num_samples == 0:
         raise ValueError("The training dataset is empty: DP-SGD needs training data.")
-    batch_size = expected_batch_size(dataloader)
     if batch_size > num_samples:
         raise ValueError(f"The training DataLoader's batch_size={batch_size} exceeds the dataset size {num_samples}.")
     return dataloader, num_samples, batch_size
@@ -328,6 +406,7 @@ __all__ = [
     "EmptyBatchCollate",
     "PoissonBatchSampler",
     "batch_size_of",
+    "check_no_repeated_examples",
     "expected_batch_size",
     "split_batch",
     "steps_per_epoch",
