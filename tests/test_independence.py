@@ -167,3 +167,10 @@ def test_a_model_that_folds_the_batch_is_refused_by_name():
 
     with pytest.raises(ValueError, match=r"`net.0.weight` have 16 rows for a batch of 8"):
         check_sample_independence(Folding(), _batch())
+
+
+def test_a_module_with_nothing_trainable_is_refused():
+    module = TinyModule()
+    module.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        check_sample_independence(module, _batch())

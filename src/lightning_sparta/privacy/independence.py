@@ -145,6 +145,8 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
     size = batch_size_of(batch)
     if size < 2:
         raise ValueError(f"`batch` must hold at least 2 samples, one to replace and one to compare, got {size}.")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError("`module` has no trainable parameter: there is no per-sample gradient to compare.")
     modes = {m: m.training for m in module.modules()}
     grads = {p: p.grad for p in module.parameters()}
     hooks = PerSampleGradients()
