@@ -483,3 +483,52 @@ def test_resuming_a_longer_run_warns_that_the_target_epsilon_will_be_exceeded(tm
     with pytest.warns(UserWarning, match=rf"will end at ε = {longer_eps:.3f} > target_epsilon=2.0"):
         longer = run(max_epochs=3, ckpt_path=checkpoint)
     assert longer.epsilon() == pytest.approx(longer_eps, rel=1e-9)
+
+
+_OTHER_SHAPES = {
+    "conv_transpose": (2, 4, 4),
+    "conv1d": (2, 16),
+    "conv3d": (2, 3, 3, 3),
+    "prelu": (32,),
+    "bilinear": (32,),
+}
+
+
+class _OtherLayers(TinyModule):
+    """Layers outside the vision zoos: transposed, 1-D and 3-D convolutions, PReLU, Bilinear."""
+
+    def __init__(self, kind: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(8, *_OTHER_SHAPES[kind], generator=g), torch.randint(0, 3, (8,), generator=g))
+        super().__init__(dataset=data, batch_size=8)
+        torch.manual_seed(0)
+        self.kind = kind
+        self.net = {
+            "conv_transpose": lambda: nn.Sequential(
+                nn.ConvTranspose2d(2, 3, 3, stride=2), nn.Flatten(), nn.Linear(243, 3)
+            ),
+            "conv1d": lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(42, 3)),
+            "conv3d": lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(24, 3)),
+            "prelu": lambda: nn.Sequential(nn.Linear(32, 8), nn.PReLU(8), nn.Linear(8, 3)),
+            "bilinear": lambda: nn.Bilinear(16, 16, 3),
+        }[kind]()
+
+    def forward(self, x):
+        return self.net(x[:, :16], x[:, 16:]) if self.kind == "bilinear" else self.net(x)
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "auto"])
+@pytest.mark.parametrize("kind", list(_OTHER_SHAPES))
+def test_other_layer_types_step_equals_clipped_sum(kind, clipping):
+    """σ = 0, q = 1: one step on each layer type equals Σ_i clip(g_i)/n from `torch.func`, whichever path
+    (a grad sampler, a ghost form, the per-sample replay) the layer takes."""
+    L.seed_everything(0)
+    module = _OtherLayers(kind)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    x, y = module.dataset.tensors
+    expected = _clipped_sum_reference(module, x, y, clip=0.05)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping)
+    _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / 8, atol=1e-6, rtol=1e-4, msg=name)
