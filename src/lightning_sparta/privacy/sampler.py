@@ -280,12 +280,17 @@ def check_no_repeated_examples(dataset: Dataset) -> None:
         ValueError: naming the example.
     """
     examples = _examples(dataset)
-    if examples is None or len(set(examples)) == len(examples):
+    if examples is None:
         return
     seen: set[tuple[int, int]] = set()
-    repeated = next(e for e in examples if e in seen or seen.add(e))  # type: ignore[func-returns-value]
+    for example in examples:
+        if example in seen:
+            break
+        seen.add(example)
+    else:
+        return
     raise ValueError(
-        f"DPStrategy: example {repeated[1]} of the underlying dataset appears more than once in the training set "
+        f"DPStrategy: example {example[1]} of the underlying dataset appears more than once in the training set "
         "(repeated `Subset` or `SubsetRandomSampler` indices, or a dataset concatenated with itself, as for "
         "oversampling): each copy is drawn on its own, so that example could contribute several clipped "
         "gradients per step and the guarantee would not hold for it. Keep each example once; weighting or "
