@@ -280,15 +280,13 @@ def check_no_repeated_examples(dataset: Dataset) -> None:
         ValueError: naming the example.
     """
     examples = _examples(dataset)
-    if examples is None:
+    if examples is None or len(set(examples)) == len(examples):
         return
     seen: set[tuple[int, int]] = set()
     for example in examples:
         if example in seen:
             break
         seen.add(example)
-    else:
-        return
     raise ValueError(
         f"DPStrategy: example {example[1]} of the underlying dataset appears more than once in the training set "
         "(repeated `Subset` or `SubsetRandomSampler` indices, or a dataset concatenated with itself, as for "
