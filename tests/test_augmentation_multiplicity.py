@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import lightning as L
 import pytest
 import torch
@@ -59,6 +61,17 @@ def _reference(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     return {k: torch.einsum("i,i...->...", factor, g) for k, g in per_sample.items()}
 
 
+def _step_equals(module: nn.Module, expected: dict[str, torch.Tensor], warns: str | None = None, **kwargs) -> None:
+    """One step with σ = 0 and q = 1 (views K, clip CLIP) moves every parameter by ``expected / N``."""
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=CLIP, augmentation_multiplicity=K, **kwargs)
+    with pytest.warns(UserWarning, match=warns) if warns else nullcontext():
+        _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
 @pytest.mark.parametrize("physical_batch_size", [None, 5])
 def test_one_step_clips_each_sample_over_its_views(clipping, physical_batch_size):
@@ -67,23 +80,11 @@ def test_one_step_clips_each_sample_over_its_views(clipping, physical_batch_size
     L.seed_everything(0)
     module = ViewsModule()
     x, y = module.data.tensors
-    expected = _reference(module, x, y)
-    before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(
-            noise_multiplier=0.0,
-            max_grad_norm=CLIP,
-            clipping=clipping,
-            physical_batch_size=physical_batch_size,
-            augmentation_multiplicity=K,
-        )
-    _trainer(strategy, max_steps=1).fit(module)
+    _step_equals(module, _reference(module, x, y), clipping=clipping, physical_batch_size=physical_batch_size)
     rows = torch.cat([seen for seen, _ in module.seen])
     labels = torch.cat([label for _, label in module.seen])
     assert torch.equal(rows, x.flatten(0, 1))
     assert torch.equal(labels, y.repeat_interleave(K))
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("clipping", ["per_sample", "ghost", "auto"])
@@ -95,14 +96,7 @@ def test_a_sample_with_one_non_finite_view_is_left_out_whole(clipping):
     x, y = module.data.tensors
     x[4, 1, 0, 2, 2] = float("nan")
     keep = torch.arange(N) != 4
-    expected = _reference(module, x[keep], y[keep])
-    before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=CLIP, clipping=clipping, augmentation_multiplicity=K)
-    with pytest.warns(UserWarning, match="not finite"):
-        _trainer(strategy, max_steps=1).fit(module)
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
+    _step_equals(module, _reference(module, x[keep], y[keep]), warns="not finite", clipping=clipping)
 
 
 def test_views_leave_the_sampling_and_the_accounting_to_the_samples():
@@ -177,15 +171,7 @@ def test_weight_standardised_convs_train_with_views_per_sample_and_are_refused_b
     L.seed_everything(0)
     module = _StandardisedViews()
     x, y = module.data.tensors
-    expected = _reference(module, x, y)
-    before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    with pytest.warns(UserWarning, match="NOT differentially private"):
-        strategy = DPStrategy(
-            noise_multiplier=0.0, max_grad_norm=CLIP, clipping="per_sample", augmentation_multiplicity=K
-        )
-    _trainer(strategy, max_steps=1).fit(module)
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(before[name] - p.detach(), expected[name] / N, atol=1e-6, rtol=1e-4, msg=name)
+    _step_equals(module, _reference(module, x, y), clipping="per_sample")
     for clipping in ("auto", "ghost"):
         ghost = DPStrategy(noise_multiplier=1.0, clipping=clipping, augmentation_multiplicity=K)
         with pytest.raises(ValueError, match=r"net\.0.*weight-standardised convs are not supported with several views"):
