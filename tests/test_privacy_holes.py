@@ -1273,3 +1273,16 @@ def test_training_data_that_repeats_an_example_is_refused(make):
 
     with pytest.raises(ValueError, match=r"appears more than once|more than once in the training"):
         _trainer(DPStrategy(noise_multiplier=1.0)).fit(Repeats())
+
+
+def test_a_random_sampler_with_replacement_or_its_own_length_is_named_when_replaced():
+    """`RandomSampler(replacement=True, num_samples=...)` asks for another sampling and epoch length than
+    Poisson sampling gives; it was replaced silently, as the default sampler is."""
+
+    class Drawn(TinyModule):
+        def train_dataloader(self):
+            sampler = RandomSampler(self.dataset, replacement=True, num_samples=48)
+            return DataLoader(self.dataset, batch_size=4, sampler=sampler)
+
+    with pytest.warns(UserWarning, match=r"sampler RandomSampler \(with `replacement` or `num_samples`\) is replaced"):
+        _trainer(DPStrategy(noise_multiplier=1.0)).fit(Drawn())

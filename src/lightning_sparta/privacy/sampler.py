@@ -231,6 +231,10 @@ def expected_batch_size(dataloader: DataLoader) -> int:
         replaced.append(f"batch_sampler {kind} (its batch_size={batch_size} is kept)")
     if sampler is not None and not isinstance(sampler, _DEFAULT_SAMPLERS):
         replaced.append(f"sampler {type(sampler).__name__}")
+    elif isinstance(sampler, RandomSampler) and (
+        sampler.replacement or sampler.num_samples != len(sampler.data_source)
+    ):
+        replaced.append("sampler RandomSampler (with `replacement` or `num_samples`)")
     if replaced:
         over = (
             f" over its {len(sampler.indices)} indices (q = {batch_size} / {len(sampler.indices)})"
