@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
-from lightning_sparta.privacy.sampler import batch_size_of
+from lightning_sparta.privacy.sampler import batch_size_of, map_batch
 
 
 class SampleCouplingError(ValueError):
@@ -57,13 +56,13 @@ def _same_randomness() -> Iterator[None]:
 
 def _replace_last_by_first(batch: Any, size: int) -> Any:
     def replace(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0 or t.shape[0] != size:
+        if t.shape[0] != size:
             return t
         t = t.clone()
         t[-1] = t[0]
         return t
 
-    return apply_to_collection(batch, torch.Tensor, replace)
+    return map_batch(batch, replace)
 
 
 def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, size: int) -> torch.Tensor:

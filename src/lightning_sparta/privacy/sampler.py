@@ -134,17 +134,22 @@ class EmptyBatchCollate:
         return _slice_batch(self.collate_fn([self.dataset[0]]), 0, 0)
 
 
+def map_batch(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor with a leading dimension in a (nested) batch; other leaves are kept."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch) if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, map_batch(v, fn)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_batch(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_batch(v, fn) for v in batch)
+    return batch
+
+
 def _slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Rows ``start:stop`` of every tensor in a (nested) batch; other leaves are kept."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.dim() > 0 else batch
-    if isinstance(batch, dict):
-        return type(batch)((k, _slice_batch(v, start, stop)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice_batch(v, start, stop) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice_batch(v, start, stop) for v in batch)
-    return batch
+    return map_batch(batch, lambda t: t[start:stop])
 
 
 def batch_size_of(batch: Any) -> int:
@@ -415,6 +420,7 @@ __all__ = [
     "batch_size_of",
     "check_no_repeated_examples",
     "expected_batch_size",
+    "map_batch",
     "split_batch",
     "steps_per_epoch",
     "training_data",
