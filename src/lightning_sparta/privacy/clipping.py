@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
 
-from lightning_sparta.privacy.per_sample import PerSampleGradients
+from lightning_sparta.privacy.per_sample import PerSampleGradients, has_grad_sample
 from lightning_sparta.sparse.layers import select_channels
 
 ClippingMode = Literal["auto", "per_sample", "ghost"]
@@ -465,7 +465,7 @@ class ClippingEngine:
 
     def batch_sizes(self) -> list[tuple[nn.Parameter, int]]:
         """The leading (sample) dimension each hooked parameter's gradient was computed with."""
-        return [(p, p.grad_sample.shape[0]) for p in self.parameters if _has(p)]
+        return [(p, p.grad_sample.shape[0]) for p in self.parameters if has_grad_sample(p)]
 
     def check_batch_dimension(self, batch_size: int) -> None:
         """Refuse per-sample gradients whose leading dimension is not the micro-batch size.
@@ -495,7 +495,7 @@ class ClippingEngine:
         left as they are, for that check to refuse.
         """
         for p in self.parameters:
-            if _has(p) and p.grad_sample.shape[0] % views == 0:
+            if has_grad_sample(p) and p.grad_sample.shape[0] % views == 0:
                 rows = p.grad_sample
                 p.grad_sample = rows.view(rows.shape[0] // views, views, *rows.shape[1:]).sum(1)
 
@@ -506,7 +506,7 @@ class ClippingEngine:
 
     def unclipped_sums(self) -> dict[nn.Parameter, torch.Tensor]:
         """``Σ_i g_i`` per parameter (for the first-step check that per-sample gradients add up)."""
-        return {p: _wide(p.grad_sample).sum(0) for p in self.parameters if _has(p)}
+        return {p: _wide(p.grad_sample).sum(0) for p in self.parameters if has_grad_sample(p)}
 
     def sums_not_adding_up(self, loss_scale: float, tolerance: float) -> list[str]:
         """Names of hooked parameters whose per-sample gradients do not add up to their batch gradient.
@@ -548,7 +548,7 @@ class ClippingEngine:
         wanted = None if only is None else {id(p) for p in only}
         ones = torch.ones_like(factors)
         for p in self.parameters:
-            if not _has(p) or (wanted is not None and id(p) not in wanted):
+            if not has_grad_sample(p) or (wanted is not None and id(p) not in wanted):
                 continue
             grad_sample = p.grad_sample
             if id(p) in absolute:
@@ -567,7 +567,7 @@ class ClippingEngine:
         Call after :meth:`squared_norms`, then take the norms again.
         """
         for p in self.parameters:
-            if _has(p):
+            if has_grad_sample(p):
                 p.grad_sample = _zero_rows(p.grad_sample, dropped)
 
     def clear(self) -> None:
@@ -763,10 +763,6 @@ def _add(sums: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, value: torch.T
         sums[p].add_(value)  # the engine's own tensor, created by the first add of this step
     else:
         sums[p] = value
-
-
-def _has(p: nn.Parameter) -> bool:
-    return getattr(p, "grad_sample", None) is not None
 
 
 def create_clipping_engine(mode: ClippingMode, hooks: PerSampleGradients) -> ClippingEngine:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
+from lightning_sparta.privacy.per_sample import PerSampleGradients, has_grad_sample, sum_of_losses
 from lightning_sparta.privacy.sampler import batch_size_of, map_batch
 
 
@@ -74,7 +74,7 @@ def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, 
         loss, _, hooks.loss_scale = sum_of_losses(output, size, "mean")
         loss.backward()
     for p in hooks.parameters:
-        if _has(p) and p.grad_sample.shape[0] != size:
+        if has_grad_sample(p) and p.grad_sample.shape[0] != size:
             name, rows = hooks.parameter_names.get(p, "?"), p.grad_sample.shape[0]
             hooks.clear()
             raise ValueError(
@@ -84,16 +84,13 @@ def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, 
             )
     # each sample's gradient norm per parameter tensor: [B, tensors], without keeping B copies of the model
     norms = torch.stack(
-        [p.grad_sample.detach().reshape(size, -1).double().norm(dim=1) for p in hooks.parameters if _has(p)], dim=1
+        [p.grad_sample.detach().reshape(size, -1).double().norm(dim=1) for p in hooks.parameters if has_grad_sample(p)],
+        dim=1,
     )
     hooks.clear()
     for p in hooks.parameters:
         p.grad = None
     return norms
-
-
-def _has(p: nn.Parameter) -> bool:
-    return getattr(p, "grad_sample", None) is not None
 
 
 def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 1e-4) -> float:

@@ -745,20 +745,21 @@ class PerSampleGradients:
                 dtype=torch.promote_types(p.grad_sample.dtype, torch.float32),
             )
             for p in params
-            if _has(p)
+            if has_grad_sample(p)
         ]
         if not norms:
             return torch.zeros(0)
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), dim=0)
 
 
-def _has(p: nn.Parameter) -> bool:
+def has_grad_sample(p: nn.Parameter) -> bool:
+    """Whether ``p`` holds per-sample gradients of the current micro-batch."""
     return getattr(p, "grad_sample", None) is not None
 
 
 def _accumulate(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
     grad_sample = grad_sample.to(param.dtype)
-    if _has(param):
+    if has_grad_sample(param):
         param.grad_sample = param.grad_sample + grad_sample
     else:
         param.grad_sample = grad_sample
@@ -854,6 +855,7 @@ __all__ = [
     "PerSampleGradients",
     "functional_children",
     "grad_sampler_for",
+    "has_grad_sample",
     "register_broadcast_parameters",
     "register_functional_children",
     "register_layer_scale",
