@@ -9,6 +9,7 @@ that train outside the accountant.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -39,7 +40,7 @@ from torch.utils.data import (
 )
 
 from lightning_sparta import DPStrategy
-from lightning_sparta.privacy import epsilon_for
+from lightning_sparta.privacy import epsilon_for, input_gradients
 from test_strategy import TinyModule, _clipped_sum_reference, _data, _trainer
 
 # the clipping engines of issue 10: every hole must stay closed on each of them
@@ -1286,3 +1287,103 @@ def test_a_random_sampler_with_replacement_or_its_own_length_is_named_when_repla
 
     with pytest.warns(UserWarning, match=r"sampler RandomSampler \(with `replacement` or `num_samples`\) is replaced"):
         _trainer(DPStrategy(noise_multiplier=1.0)).fit(Drawn())
+
+
+# ------------------------------------------------------------------ gradients taken inside training_step
+_EPS_ADV = 0.3
+
+
+class _Adversarial(TinyModule):
+    """FGSM adversarial training: each input moves along the sign of its own loss gradient.
+
+    ``inner`` says what the inner gradient is taken with respect to: the inputs (``"inputs"``), the inputs
+    inside :func:`input_gradients` (``"context"``), or the parameters, whose batch gradient then moves the
+    weights the loss is taken at (``"parameters"``, a MAML-like inner step that mixes the samples).
+    ``from_step`` delays the inner gradient, past the step on which the strategy checks its sums.
+    """
+
+    def __init__(self, inner: str, from_step: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.inner, self.from_step = inner, from_step
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if batch_idx < self.from_step:
+            return super().training_step(batch, batch_idx)
+        if self.inner == "parameters":
+            params = dict(self.named_parameters())
+            grads = torch.autograd.grad(F.cross_entropy(self(x), y), list(params.values()))
+            moved = {k: p - 0.1 * g for (k, p), g in zip(params.items(), grads, strict=True)}
+            return F.cross_entropy(torch.func.functional_call(self, moved, (x,)), y)
+        context = input_gradients(self) if self.inner == "context" else contextlib.nullcontext()
+        with context:
+            xr = x.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(F.cross_entropy(self(xr), y, reduction="sum"), xr)
+        return F.cross_entropy(self((x + _EPS_ADV * gx.sign()).detach()), y)
+
+
+def _adversarial_reference(module: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict:
+    """Σ_i clip(g_i) of the FGSM loss, each g_i from torch.func on sample i alone (its adversarial input fixed)."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        xi, yi = xi[None], yi[None]
+        gx = torch.func.grad(lambda z: F.cross_entropy(torch.func.functional_call(module, p, (z,)), yi))(xi)
+        return F.cross_entropy(torch.func.functional_call(module, p, ((xi + _EPS_ADV * gx.sign()).detach(),)), yi)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.reshape(len(x), -1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum("i,i...->...", factor, g) for k, g in per_sample.items()}
+
+
+@CLIPPING
+@pytest.mark.parametrize(("inner", "from_step"), [("inputs", 0), ("inputs", 2), ("parameters", 2)])
+def test_a_gradient_taken_inside_training_step_is_refused_at_any_step(clipping, inner, from_step):
+    """The hooks recorded the backward pass of a `torch.autograd.grad` call inside `training_step` as if it
+    were the step's: its gradients were added to the per-sample gradients. On the first step the sum check
+    refused this, speaking of parameters used outside their module; on a later step nothing did, and a
+    gradient of the batch loss with respect to the parameters, used to move the weights the loss is taken
+    at, mixed every sample into every other's gradient. Any backward pass outside the step's own is now
+    refused by what it is, on every step, before the optimizer moves anything."""
+    module = _Adversarial(inner, from_step=from_step, batch_size=6)
+    strategy = DPStrategy(noise_multiplier=1.0, clipping=clipping)
+    trainer = _trainer(strategy, max_steps=4)
+    with pytest.raises(RuntimeError, match=r"a backward pass ran inside `training_step`.*input_gradients"):
+        trainer.fit(module)
+    assert trainer.global_step == from_step
+
+
+@CLIPPING
+@pytest.mark.parametrize("physical_batch_size", [None, 5])
+def test_adversarial_examples_from_input_gradients_train_on_each_samples_own_gradient(clipping, physical_batch_size):
+    """σ = 0, q = 1: FGSM inputs computed inside `input_gradients` give the update Σ_i clip(g_i)/n, with
+    g_i the gradient of sample i's loss at its own adversarial input (torch.func on that sample alone)."""
+    L.seed_everything(0)
+    module = _Adversarial("context", batch_size=24)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    x, y = module.dataset.tensors
+    expected = _adversarial_reference(module, x, y, clip=0.05)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(
+            noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping, physical_batch_size=physical_batch_size
+        )
+    _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_input_gradients_hide_the_parameters():
+    """Inside `input_gradients` no gradient with respect to a parameter can be taken, through the module's
+    attributes or through references kept from before; outside it the parameters are the module's again."""
+    module = TinyModule()
+    kept = list(module.parameters())
+    x = torch.randn(4, 6, requires_grad=True)
+    with input_gradients(module):
+        assert not any(p.requires_grad for p in module.parameters())
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(module(x).sum(), kept)
+        (gx,) = torch.autograd.grad(module(x).sum(), x)
+    assert gx.shape == x.shape
+    assert [id(p) for p in module.parameters()] == [id(p) for p in kept]
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in module.parameters())

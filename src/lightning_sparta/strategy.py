@@ -220,6 +220,7 @@ class DPStrategy(DDPStrategy):
         self.num_samples: int | None = None
         self.steps_per_epoch: int | None = None
         self.engine = PerSampleGradients()  # the hooks: inputs and output gradients of the trainable layers
+        self.engine.refuse_other_backward_passes = True  # see `lightning_sparta.privacy.input_gradients`
         self.clipping: str = clipping
         self.clipping_engine = create_clipping_engine(clipping, self.engine)  # norms and clipped sums
         self.batchnorm: BatchNormMode = batchnorm
@@ -663,7 +664,8 @@ class DPStrategy(DDPStrategy):
             loss, mean_loss, self.engine.loss_scale = sum_of_losses(output, self._micro_batch_size, self.loss_reduction)
             loss_sum = loss_sum + mean_loss * self._micro_batch_size
             if i < len(micro_batches) - 1:
-                loss.backward()
+                with self.engine.backward_pass():
+                    loss.backward()
                 self._watch.refuse_changes("the backward pass")
                 self._clip_and_accumulate()
         # Backpropagate the sum of per-sample losses of the last micro-batch; show the batch's mean loss.
@@ -718,7 +720,8 @@ class DPStrategy(DDPStrategy):
         module = self.lightning_module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        with self.engine.backward_pass():
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         enabled, self.engine.enabled = self.engine.enabled, False  # the release runs no hooked pass
         try:
             self._release(self._release_pending)

@@ -9,6 +9,7 @@ from lightning_sparta.privacy.accountant import (
 from lightning_sparta.privacy.independence import SampleCouplingError, check_sample_independence
 from lightning_sparta.privacy.per_sample import (
     PerSampleGradients,
+    input_gradients,
     register_broadcast_parameters,
     register_functional_children,
     register_layer_scale,
@@ -27,6 +28,7 @@ __all__ = [
     "check_sample_independence",
     "create_accountant",
     "epsilon_for",
+    "input_gradients",
     "register_broadcast_parameters",
     "register_functional_children",
     "register_layer_scale",

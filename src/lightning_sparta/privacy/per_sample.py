@@ -52,7 +52,8 @@ Five paths exist, and :meth:`PerSampleGradients.paths` reports which one every m
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -280,6 +281,10 @@ class PerSampleGradients:
     def __init__(self) -> None:
         self.loss_scale = 1.0
         self.enabled = False
+        # set by DPStrategy: a hooked call's gradient arriving outside `backward_pass()` is refused (a
+        # `torch.autograd.grad` inside `training_step`), instead of being added to the per-sample gradients
+        self.refuse_other_backward_passes = False
+        self._backward_depth = 0
         # "ghost" modules: run the forward with detached parameters, so that autograd does not compute
         # a batch weight gradient that the clipping engine replaces by its own clipped sum anyway
         self.skip_ghost_parameter_gradients = False
@@ -460,11 +465,34 @@ class PerSampleGradients:
         """Context manager that enables the hooks for one forward/backward pass."""
         return _Capture(self)
 
+    @contextmanager
+    def backward_pass(self) -> Iterator[None]:
+        """Mark the step's own backward pass: only there may hooked calls receive their output gradients."""
+        self._backward_depth += 1
+        try:
+            yield
+        finally:
+            self._backward_depth -= 1
+
+    def _check_backward_pass(self) -> None:
+        if self.refuse_other_backward_passes and not self._backward_depth:
+            raise RuntimeError(
+                "DPStrategy: a backward pass ran inside `training_step` (`torch.autograd.grad`, or `.backward()` "
+                "on another loss). The hooks would add its gradients to the per-sample gradients of the step's "
+                "loss, and a gradient of the batch loss with respect to the parameters mixes every sample into "
+                "the others' gradients. To perturb the inputs along their own gradients (FGSM/PGD adversarial "
+                "examples), take that forward and backward pass inside "
+                "`with lightning_sparta.privacy.input_gradients(self):`, which hides the parameters from it, "
+                "and use a summed loss there so that each input's gradient is its own. Gradient penalties "
+                "(`create_graph=True`) and inner optimisation steps on the weights are not supported."
+            )
+
     def _active(self, module: nn.Module) -> bool:
         # Not `module.training`: a trainable layer put in eval() (dropout off, a backbone's statistics kept)
         # still has a per-sample gradient, and skipping it left its parameters without one. Evaluation
-        # runs without gradients, and the hooks record only while capturing.
-        return self.enabled and torch.is_grad_enabled()
+        # runs without gradients, and the hooks record only while capturing; nothing inside
+        # `input_gradients` is recorded.
+        return self.enabled and torch.is_grad_enabled() and not _INPUT_GRADIENTS
 
     def _attach_sampler(self, module: nn.Module) -> None:
         candidates = _SAMPLER_OUTPUTS.get(type(module), ())
@@ -535,6 +563,7 @@ class PerSampleGradients:
         def hook(grad: torch.Tensor) -> None:
             if not self.enabled:
                 return
+            self._check_backward_pass()
             param = module.get_parameter(name)
             source, sink = dims
             values = source_out if source % source_out.dim() == sink % grad.dim() else source_out.movedim(source, sink)
@@ -616,6 +645,8 @@ class PerSampleGradients:
 
     def _backward_hook(self, call: _Call) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if call.pending:  # recorded while capturing
+                self._check_backward_pass()
             if self.enabled and call.pending:
                 self._compute(call, grad)
 
@@ -722,6 +753,7 @@ class PerSampleGradients:
     def _broadcast_hook(self, param: nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
             if self.enabled:  # grad of the [B, *shape[1:]] expansion; grad_sample is [B, *shape]
+                self._check_backward_pass()
                 _accumulate(param, grad.detach().unsqueeze(1) * self.loss_scale)
 
         return hook
@@ -750,6 +782,49 @@ class PerSampleGradients:
         if not norms:
             return torch.zeros(0)
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), dim=0)
+
+
+_INPUT_GRADIENTS = 0  # open `input_gradients` contexts: the hooks record nothing inside them
+
+
+@contextmanager
+def input_gradients(module: nn.Module) -> Iterator[None]:
+    """Take gradients with respect to the inputs inside ``training_step``, for adversarial examples.
+
+    Inside the context every trainable parameter of ``module`` is replaced by a detached copy of itself
+    and the per-sample gradient hooks record nothing: a forward and backward pass there can give the
+    gradient of the loss with respect to the inputs, never one with respect to the parameters (through
+    the module's attributes or through references kept from before). DP-SGD then clips the gradient of
+    the loss that ``training_step`` returns, taken outside the context, at the perturbed inputs.
+
+    Privacy: sample ``i``'s perturbed input must depend on sample ``i`` alone. Sum the inner loss over
+    the samples (``reduction="sum"``): a mean scales every input gradient by ``1 / batch size``, and the
+    (Poisson) batch size depends on which other samples were drawn. A step along the gradient's sign
+    (FGSM, PGD) does not depend on that scale. BatchNorm statistics are frozen by the strategy, and the
+    other ways a batch can mix its samples are listed in the README.
+
+    Example:
+        >>> def training_step(self, batch, batch_idx):
+        ...     x, y = batch
+        ...     with input_gradients(self):
+        ...         x_adv = x.clone().requires_grad_(True)
+        ...         (g,) = torch.autograd.grad(F.cross_entropy(self(x_adv), y, reduction="sum"), x_adv)
+        ...     return F.cross_entropy(self((x + 8 / 255 * g.sign()).detach()), y)
+    """
+    global _INPUT_GRADIENTS
+    hidden = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if param is not None and param.requires_grad:
+                owner._parameters[name] = param.detach()  # read by the forward pass as the attribute
+                hidden.append((owner, name, param))
+    _INPUT_GRADIENTS += 1
+    try:
+        yield
+    finally:
+        _INPUT_GRADIENTS -= 1
+        for owner, name, param in reversed(hidden):
+            owner._parameters[name] = param
 
 
 def has_grad_sample(p: nn.Parameter) -> bool:
@@ -856,6 +931,7 @@ __all__ = [
     "functional_children",
     "grad_sampler_for",
     "has_grad_sample",
+    "input_gradients",
     "register_broadcast_parameters",
     "register_functional_children",
     "register_layer_scale",
