@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan;
+(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan | split;
 CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, random_split
 
 from lightning_sparta import DPStrategy
 
@@ -28,6 +28,7 @@ class IndexedModule(L.LightningModule):
         self.zero_loss = zero_loss
         self.views = 1
         self.poisoned = False  # sample 5 holds a NaN
+        self.split = False  # an unseeded random_split: every rank trains on its own 48 of the 64 samples
         self.indices: list[list[int]] = []
         self.register_buffer("offset", torch.randn(6))
 
@@ -53,7 +54,10 @@ class IndexedModule(L.LightningModule):
             x = x[:, None] + 0.1 * torch.randn(N, self.views, 6, generator=g)
         if self.poisoned:
             x[5].view(-1)[0] = float("nan")
-        return DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=BATCH, shuffle=True)
+        data = TensorDataset(x, y, torch.arange(N))
+        if self.split:
+            data = random_split(data, [48, 16], generator=torch.Generator().manual_seed(self.global_rank))[0]
+        return DataLoader(data, batch_size=BATCH, shuffle=True)
 
 
 def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
@@ -70,6 +74,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         sparsify_(module, {"net.0": torch.randperm(8)[:3]})
     module.views = 3 if mode == "views" else 1
     module.poisoned = mode == "nan"
+    module.split = mode == "split"
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     rows = module.net[0].rows.clone() if mode == "unseeded_sparse" else None
     callbacks = []
@@ -99,6 +104,12 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
+    if mode == "split":  # expected to be refused on every rank
+        try:
+            trainer.fit(module)
+        except ValueError as error:
+            torch.save({"error": str(error), "steps": strategy.steps}, out / f"rank{trainer.global_rank}.pt")
+        return
     trainer.fit(module)
     result = {
         "rank": trainer.global_rank,

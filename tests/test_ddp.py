@@ -153,3 +153,14 @@ def test_a_non_finite_sample_is_left_out_on_its_rank(tmp_path):
         assert not p.isnan().any(), name
         assert torch.equal(p, r1["params"][name]), name
     assert r0["steps"] == r1["steps"] == 3 * 4
+
+
+def test_ranks_with_different_training_sets_are_refused_on_every_rank(tmp_path):
+    """An unseeded `random_split` gives each rank its own 48 of the 64 samples: index i is then a different
+    example on each rank, and an example could be drawn on both ranks in one step. Both ranks refuse it
+    before the first step, naming the likely cause (neither waits for the other in a collective)."""
+    r0, r1 = _run(tmp_path, "split")
+    for rank in (r0, r1):
+        assert "the training set differs across DDP ranks" in rank["error"]
+        assert "random_split" in rank["error"]
+        assert rank["steps"] == 0

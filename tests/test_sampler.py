@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset, default_collate, random_split
 
 from lightning_sparta.privacy.sampler import (
     DPDataLoader,
@@ -23,6 +23,7 @@ from lightning_sparta.privacy.sampler import (
     batch_size_of,
     split_batch,
     steps_per_epoch,
+    training_set_fingerprint,
 )
 from lightning_sparta.privacy.validation import IncompatibleModelError, incompatible_layers, validate_model
 
@@ -401,3 +402,24 @@ def test_validate_model_accepts_per_sample_norms(norm: type[nn.Module]) -> None:
     model = Net(norm)
     validate_model(model)
     assert incompatible_layers(model) == {}
+
+
+def test_training_set_fingerprint_tells_splits_values_and_batch_sizes_apart():
+    """Equal training sets built twice hash the same; another split, other values or another batch size
+    do not (what DDP ranks compare before training)."""
+
+    def data(seed: int = 0) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        return TensorDataset(torch.randn(100, 3, 8, 8, generator=g), torch.randint(0, 10, (100,), generator=g))
+
+    def split(seed: int) -> Subset:
+        return random_split(data(), [80, 20], generator=torch.Generator().manual_seed(seed))[0]
+
+    assert training_set_fingerprint(split(0), 16) == training_set_fingerprint(split(0), 16)
+    assert training_set_fingerprint(split(0), 16) != training_set_fingerprint(split(1), 16)
+    assert training_set_fingerprint(split(0), 16) != training_set_fingerprint(split(0), 32)
+    assert training_set_fingerprint(data(0), 16) != training_set_fingerprint(data(1), 16)
+    both = ConcatDataset([data(0), data(1)])
+    assert training_set_fingerprint(both, 16) == training_set_fingerprint(ConcatDataset([data(0), data(1)]), 16)
+    assert training_set_fingerprint(both, 16) != training_set_fingerprint(ConcatDataset([data(1), data(0)]), 16)
+    assert 0 <= training_set_fingerprint(both, 16) < 2**63

@@ -77,6 +77,7 @@ from lightning_sparta.privacy.sampler import (
     expand_views,
     split_batch,
     training_data,
+    training_set_fingerprint,
 )
 from lightning_sparta.privacy.scoring import Scoring
 from lightning_sparta.privacy.validation import BATCHNORM_MODES, BatchNormMode, prepare_model
@@ -437,6 +438,30 @@ class DPStrategy(DDPStrategy):
             return dataloader
         return self._poisson_loader(dataloader)
 
+    def _check_same_training_set(self, dataset: Any, num_samples: int, batch_size: int) -> None:
+        """Refuse DDP ranks whose training sets differ (every rank raises, so none waits for the others).
+
+        The ranks draw one Poisson batch of indices and each keeps a slice: that is one Poisson sample only
+        if index ``i`` is the same example on every rank. With a different split per rank (``random_split``
+        in ``setup()`` without a fixed generator), an example held at different indices on two ranks can be
+        drawn on both in one step, and ``q`` may differ between ranks.
+        """
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = [num_samples, batch_size, training_set_fingerprint(dataset, batch_size)]
+        ranks = self.all_gather(torch.tensor(mine, dtype=torch.int64, device=self.root_device)).view(-1, 3).tolist()
+        if all(r == ranks[0] for r in ranks):
+            return
+        shown = "; ".join(f"rank {i}: n={n}, batch_size={b}, fingerprint {f:016x}" for i, (n, b, f) in enumerate(ranks))
+        raise ValueError(
+            f"DPStrategy: the training set differs across DDP ranks ({shown}). Every rank must hold the same "
+            "examples in the same order: the strategy draws one Poisson batch of indices and gives each rank a "
+            "slice, so an example held at different indices on two ranks could be drawn on both in one step "
+            "(twice its clipped contribution) and each rank would sample at its own rate. The usual cause is a "
+            "random split made in `setup()` without a fixed generator: pass "
+            "`generator=torch.Generator().manual_seed(0)` to `random_split`, or split once before the ranks start."
+        )
+
     def _broadcast_model(self) -> None:
         """Give every rank rank 0's parameters and buffers before the first step.
 
@@ -476,6 +501,7 @@ class DPStrategy(DDPStrategy):
     def _poisson_loader(self, dataloader: object) -> DPDataLoader:
         dataloader, num_samples, batch_size = training_data(dataloader)
         check_no_batch_mixing(collate_fn=dataloader.collate_fn)
+        self._check_same_training_set(dataloader.dataset, num_samples, batch_size)
         self.num_samples = num_samples
         self.sample_rate = batch_size / num_samples
         if self.target_epsilon is None or self._pending_state is None:

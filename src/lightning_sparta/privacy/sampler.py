@@ -13,6 +13,7 @@ batch from a generator keyed by ``(seed, epoch, step)``, so
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.utils.data import (
     SequentialSampler,
     Subset,
     SubsetRandomSampler,
+    TensorDataset,
 )
 
 from lightning_sparta._logging import warn
@@ -305,6 +307,36 @@ def check_no_repeated_examples(dataset: Dataset) -> None:
     )
 
 
+def training_set_fingerprint(dataset: Dataset, batch_size: int) -> int:
+    """A hash, equal across processes, of what can be seen of a training set without loading it.
+
+    It covers the batch size, the dataset's size and types, the indices of every ``Subset`` (what
+    ``random_split`` makes) and the parts of every ``ConcatDataset``, and for a ``TensorDataset`` the
+    shapes and up to 4,096 evenly spaced values of each tensor. Under DDP every rank must hold the same
+    training set in the same order; this is how the strategy compares them.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+
+    def add(part: Dataset) -> None:
+        digest.update(f"{type(part).__qualname__}:{len(part)};".encode())  # type: ignore[arg-type]
+        if isinstance(part, Subset):
+            digest.update(np.asarray(part.indices, dtype=np.int64).tobytes())
+            add(part.dataset)
+        elif isinstance(part, ConcatDataset):
+            for inner in part.datasets:
+                add(inner)
+        elif isinstance(part, TensorDataset):
+            for tensor in part.tensors:
+                flat = tensor.detach().reshape(-1)
+                stride = max(1, flat.numel() // 4096)
+                digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(flat[::stride].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    digest.update(f"batch_size={batch_size};".encode())
+    add(dataset)
+    return int.from_bytes(digest.digest(), "little") >> 1  # fits an int64
+
+
 def training_data(dataloader: object) -> tuple[DataLoader, int, int]:
     """``(loader, n, expected batch size)`` of the user's training loader, or an error saying what to change.
 
@@ -424,4 +456,5 @@ __all__ = [
     "split_batch",
     "steps_per_epoch",
     "training_data",
+    "training_set_fingerprint",
 ]
