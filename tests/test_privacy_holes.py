@@ -1148,12 +1148,14 @@ def test_parameters_changed_during_the_step_are_refused_and_restored(make, where
     assert torch.equal(_flat(module), before)
 
 
-def test_a_parameter_changed_in_a_later_step_is_refused_and_never_checkpointed(tmp_path):
-    """After the first step the check reads version counters only (no copies): an in-place change made
-    from the third step on is still refused. With no copy to restore, the changed weight is filled with
-    NaN, so the checkpoint `OnExceptionCheckpoint` writes on the refusal does not hold it."""
+@pytest.mark.parametrize("through_data", [False, True], ids=["in_place", "through_data"])
+def test_a_parameter_changed_in_a_later_step_is_refused_and_never_checkpointed(tmp_path, through_data):
+    """After the first step no copies are kept: an in-place change made from the third step on is refused by
+    its version counter, and one made through `.data` (which no version counter sees, and which trained
+    silently) by a checksum of the weights' bits. With no copy to restore, the changed weight is filled
+    with NaN, so the checkpoint `OnExceptionCheckpoint` writes on the refusal does not hold it."""
     L.seed_everything(0)
-    module = _WeightFromBatch(through_data=False, from_step=2)
+    module = _WeightFromBatch(through_data=through_data, from_step=2)
     saver = OnExceptionCheckpoint(dirpath=tmp_path)
     with pytest.raises(RuntimeError, match=r"parameters net\.0\.weight changed during.*filled with NaN"):
         _trainer(DPStrategy(noise_multiplier=1.0), max_epochs=3, callbacks=[saver], enable_checkpointing=True).fit(

@@ -761,7 +761,7 @@ class DPStrategy(DDPStrategy):
         """Clip the last micro-batch, then write the step's private gradient (or its scores)."""
         self._release_pending = None
         if self._watch is not None:
-            self._watch.refuse_changes("the backward pass")
+            self._watch.refuse_changes("the backward pass", checksum=True)
         refuse_unclipped_gradients(optimizer, self.engine.parameters, self.lightning_module)
         self._clip_and_accumulate()
         if self._scoring is not None:

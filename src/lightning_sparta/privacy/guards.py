@@ -138,6 +138,28 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(bits), b.view(bits)) if bits is not None else torch.equal(a, b)
 
 
+def _checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One integer per tensor: the wrapping sum of its bits read as 32-bit integers (64-bit for float64).
+
+    Any single changed element changes it. Summing int32 into int32 runs at memory speed (accumulating
+    into int64 is twenty times slower on CPU).
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.int64)
+    device = tensors[0].device
+    sums = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.element_size() == 8:
+            total = flat.view(torch.int64).sum(dtype=torch.int64)
+        else:
+            if flat.element_size() != 4:  # bf16/fp16: pairs of elements as one int32 (pad an odd one)
+                flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)]).view(torch.int16)
+            total = flat.view(torch.int32).sum(dtype=torch.int32).to(torch.int64)
+        sums.append(total.to(device, non_blocking=True))
+    return torch.stack(sums)
+
+
 class StateWatch:
     """The floating-point parameters and buffers of a module as a DP step starts, to refuse changes to them.
 
@@ -148,10 +170,11 @@ class StateWatch:
     noise. Known layers are handled by type (BatchNorm frozen, InstanceNorm with running statistics and
     ``Embedding(max_norm=...)`` refused by name); this catches the others.
 
-    Every step compares identities and version counters, which costs nothing. With ``values=True`` (the
-    first step after attaching) it also keeps a copy of every tensor: the comparison then sees changes
-    made through ``.data`` (which autograd's version counter does not count), and changed tensors are
-    restored before the refusal. Integer buffers (step counters) are not watched.
+    Every step compares identities and version counters, and a checksum of every tensor's bits (one pass
+    over the weights, one device sync per check), which sees changes made through ``.data`` (autograd's
+    version counter does not count them). With ``values=True`` (the first step after attaching) it also
+    keeps a copy of every tensor, and changed tensors are restored before the refusal. Integer buffers
+    (step counters) are not watched.
     """
 
     def __init__(self, module: nn.Module, values: bool) -> None:
@@ -164,6 +187,12 @@ class StateWatch:
             }
             for kind, named in (("parameters", module.named_parameters()), ("buffers", module.named_buffers()))
         }
+        self._order = [(kind, name) for kind, kept in self._kept.items() for name in kept]
+        self._sums = None if values else _checksums(self._watched())
+        self._sum_changed: set[tuple[str, str]] = set()
+
+    def _watched(self) -> list[torch.Tensor]:
+        return [self._kept[kind][name][0] for kind, name in self._order]
 
     def _now(self, kind: str) -> dict[str, torch.Tensor]:
         return dict(self.module.named_parameters() if kind == "parameters" else self.module.named_buffers())
@@ -174,7 +203,12 @@ class StateWatch:
         changed = []
         for name, (t, version, value) in self._kept[kind].items():
             replaced = name in now and now[name] is not t
-            if replaced or t._version != version or (value is not None and not _same_values(t.detach(), value)):
+            if (
+                replaced
+                or t._version != version
+                or (value is not None and not _same_values(t.detach(), value))
+                or (kind, name) in self._sum_changed
+            ):
                 changed.append(name)
         return changed
 
@@ -194,23 +228,34 @@ class StateWatch:
                 getattr(self.module.get_submodule(prefix), f"_{kind}")[leaf] = t
                 if value is not None:
                     t.copy_(value)
-                elif t._version != version:
+                elif t._version != version or (kind, name) in self._sum_changed:
                     t.fill_(float("nan"))
                     lost.append(name)
         return lost
 
-    def refuse_changes(self, during: str) -> None:
+    def refuse_changes(self, during: str, checksum: bool = False) -> None:
         """Raise if a watched tensor changed, after undoing the change (see :meth:`_undo`).
 
         Args:
             during: where the change happened, for the message (``"`training_step`"``, ``"the backward pass"``).
+            checksum: also compare the checksums (a pass over the weights; the strategy asks for it once per
+                step, at the release). A change only they see was made through ``.data`` somewhere in the step.
 
         Raises:
             RuntimeError: naming the parameters and buffers.
         """
+        if checksum and self._sums is not None:
+            sums = _checksums(self._watched())
+            if not torch.equal(sums, self._sums):
+                differ = (sums != self._sums).nonzero().flatten().tolist()
+                self._sum_changed = {self._order[i] for i in differ}
         changed = {kind: self.changed(kind) for kind in ("parameters", "buffers")}
         if not any(changed.values()):
             return
+        if self._sum_changed and not any(
+            self._kept[kind][name][0]._version != self._kept[kind][name][1] for kind, name in self._sum_changed
+        ):
+            during = "the step (in `training_step` or the backward pass, through `.data`)"
         lost = [name for kind, names in changed.items() for name in self._undo(kind, names)]
         what = " and ".join(f"the {kind} {shorten(names)}" for kind, names in changed.items() if names)
         raise RuntimeError(
