@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sparta.privacy import SampleCouplingError, check_sample_independence
+from lightning_sparta.privacy import SampleCouplingError, check_sample_independence, input_gradients
 from test_strategy import TinyModule
 
 
@@ -63,6 +63,24 @@ class _MixedAfterTransfer(TinyModule):
         return 0.7 * x + 0.3 * x.roll(1, 0), y
 
 
+class _Adversarial(TinyModule):
+    """FGSM inside `input_gradients`; ``universal`` moves every input along the batch's mean input gradient
+    (a universal perturbation: each sample's input then depends on the others; its sign alone may not
+    change when one sample does, and the check only finds couplings that move a gradient)."""
+
+    def __init__(self, universal: bool = False):
+        super().__init__()
+        self.universal = universal
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with input_gradients(self):
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(self(xr), y, reduction="sum"), xr)
+        step = g.mean(0, keepdim=True) if self.universal else g.sign()
+        return F.cross_entropy(self((x + 0.3 * step).detach()), y)
+
+
 class _Stochastic(TinyModule):
     """Dropout, random augmentation in training_step and a BatchNorm: independent once BN is frozen."""
 
@@ -76,12 +94,36 @@ class _Stochastic(TinyModule):
         return super().training_step((x, y), batch_idx)
 
 
-@pytest.mark.parametrize("module_cls", [_Centred, _NormalisedLoss, _InBatchNegatives, _HandMixup, _MixedAfterTransfer])
-def test_samples_mixed_by_hand_are_found(module_cls):
+@pytest.mark.parametrize(
+    "make",
+    [
+        _Centred,
+        _NormalisedLoss,
+        _InBatchNegatives,
+        _HandMixup,
+        _MixedAfterTransfer,
+        lambda: _Adversarial(universal=True),
+    ],
+    ids=[
+        "centred",
+        "normalised_loss",
+        "in_batch_negatives",
+        "hand_mixup",
+        "mixed_after_transfer",
+        "universal_perturbation",
+    ],
+)
+def test_samples_mixed_by_hand_are_found(make):
     """The couplings the strategy cannot see while training (README: "what you must not do")."""
     L.seed_everything(0)
     with pytest.raises(SampleCouplingError, match=r"Sample \d+'s gradient changed by .* samples are coupled"):
-        check_sample_independence(module_cls(), _batch())
+        check_sample_independence(make(), _batch())
+
+
+def test_adversarial_examples_from_each_samples_own_input_gradient_pass():
+    """FGSM inside `input_gradients` with a summed loss: each perturbed input depends on its sample alone."""
+    L.seed_everything(0)
+    assert check_sample_independence(_Adversarial(), _batch()) < 1e-5
 
 
 @pytest.mark.parametrize("module_cls", [TinyModule, _Stochastic])

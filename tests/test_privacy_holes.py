@@ -1389,3 +1389,17 @@ def test_input_gradients_hide_the_parameters():
     assert gx.shape == x.shape
     assert [id(p) for p in module.parameters()] == [id(p) for p in kept]
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in module.parameters())
+
+
+class _LossInsideTheContext(TinyModule):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with input_gradients(self):
+            return F.cross_entropy(self(x), y)
+
+
+def test_a_loss_computed_inside_input_gradients_is_refused_saying_why():
+    """A loss that depends on no trainable parameter (here taken inside `input_gradients`) failed in
+    autograd with "element 0 of tensors does not require grad"; the refusal now names the causes."""
+    with pytest.raises(RuntimeError, match=r"does not depend on any trainable parameter.*input_gradients"):
+        _trainer(DPStrategy(noise_multiplier=1.0), max_steps=1).fit(_LossInsideTheContext(batch_size=6))

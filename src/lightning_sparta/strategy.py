@@ -688,6 +688,13 @@ class DPStrategy(DDPStrategy):
                 self._monitors_checked = True
                 warn_private_monitors(self.lightning_module.trainer)
             loss, mean_loss, self.engine.loss_scale = sum_of_losses(output, self._micro_batch_size, self.loss_reduction)
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    "DPStrategy: the loss returned by `training_step` does not depend on any trainable parameter: "
+                    "it was computed under `torch.no_grad()`, from detached outputs, or inside "
+                    "`lightning_sparta.privacy.input_gradients` (which hides the parameters: compute only the "
+                    "input gradient there, and the loss you return after it)."
+                )
             loss_sum = loss_sum + mean_loss * self._micro_batch_size
             if i < len(micro_batches) - 1:
                 with self.engine.backward_pass():

@@ -481,9 +481,10 @@ class PerSampleGradients:
                 "on another loss). The hooks would add its gradients to the per-sample gradients of the step's "
                 "loss, and a gradient of the batch loss with respect to the parameters mixes every sample into "
                 "the others' gradients. To perturb the inputs along their own gradients (FGSM/PGD adversarial "
-                "examples), take that forward and backward pass inside "
-                "`with lightning_sparta.privacy.input_gradients(self):`, which hides the parameters from it, "
-                "and use a summed loss there so that each input's gradient is its own. Gradient penalties "
+                "examples), run that forward and backward pass inside "
+                "`with lightning_sparta.privacy.input_gradients(self):`, which hides the parameters from it (the "
+                "forward too: the gradient must not pass through a layer run before it), with a summed loss so "
+                "that each input's gradient is its own. Gradient penalties "
                 "(`create_graph=True`) and inner optimisation steps on the weights are not supported."
             )
 
