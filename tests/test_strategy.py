@@ -532,3 +532,74 @@ def test_other_layer_types_step_equals_clipped_sum(kind, clipping):
     _trainer(strategy, max_steps=1).fit(module)
     for name, p in module.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), expected[name] / 8, atol=1e-6, rtol=1e-4, msg=name)
+
+
+class _Checkpointed(TinyModule):
+    """A block run under `torch.utils.checkpoint` (its forward, and the hooks, run twice); ``pre`` decides
+    whether the block's input needs a gradient, ``checkpointed=False`` runs it plainly (for the reference)."""
+
+    def __init__(self, use_reentrant: bool, pre: bool = True) -> None:
+        super().__init__(batch_size=24)
+        torch.manual_seed(0)
+        self.pre = nn.Linear(6, 6) if pre else nn.Identity()
+        self.block = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.use_reentrant, self.checkpointed = use_reentrant, True
+        del self.net
+
+    def forward(self, x):
+        x = self.pre(x)
+        if self.checkpointed:
+            x = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+        else:
+            x = self.block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_step_equals_clipped_sum(use_reentrant, clipping):
+    """Activation checkpointing (timm's `set_grad_checkpointing`) reruns a block's forward in the backward
+    pass. σ = 0, q = 1: one step equals Σ_i clip(g_i)/n from `torch.func` on the same model run plainly,
+    and no parameter is reported as left without a gradient."""
+    L.seed_everything(0)
+    module = _Checkpointed(use_reentrant)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    x, y = module.dataset.tensors
+    module.checkpointed = False  # torch.func cannot differentiate through a checkpoint
+    expected = _clipped_sum_reference(module, x, y, clip=0.05)
+    module.checkpointed = True
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*got no gradient")
+        _trainer(strategy, max_steps=1).fit(module)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name] / 24, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+@pytest.mark.parametrize("case", ["unused_head", "reentrant_checkpoint_on_the_data"])
+def test_trainable_parameters_without_a_gradient_are_named(case, clipping):
+    """A trainable parameter the loss does not reach gets noise alone at every step (the noise must not
+    depend on which parameters a batch reaches). Non-private training would leave it as it is, so the
+    first step names it: an unused head, or a block behind a reentrant checkpoint whose input is the data
+    (PyTorch then computes no gradient inside it)."""
+    L.seed_everything(0)
+    if case == "unused_head":
+        module = TinyModule(batch_size=24)
+        module.aux = nn.Linear(8, 2)
+        unused = ["aux.weight", "aux.bias"]
+    else:
+        module = _Checkpointed(use_reentrant=True, pre=False)
+        unused = ["block.0.weight", "block.0.bias", "block.1.weight", "block.1.bias"]
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping), max_steps=1).fit(module)
+    said = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"{len(unused)} trainable parameter(s)" in said[0]
+    for name in unused:
+        assert f"`{name}`" in said[0]
+        assert not torch.equal(before[name], dict(module.named_parameters())[name]), name  # noise alone

@@ -847,6 +847,19 @@ class DPStrategy(DDPStrategy):
                 "forward. A penalty on the weights added to the loss (L2 regularisation) is such a use: set the "
                 "optimizer's `weight_decay` instead, which acts after the release and costs no privacy."
             )
+        unused = self.clipping_engine.without_gradient()
+        if unused:
+            more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+            warnings.warn(
+                f"DPStrategy: {len(unused)} trainable parameter(s) got no gradient in the first step: "
+                f"{', '.join(f'`{name}`' for name in unused[:8])}{more}. DP-SGD adds noise to every trainable "
+                "parameter at every step, so these change by noise alone. Freeze them (`requires_grad_(False)`) "
+                "if the model does not use them (an auxiliary head, or a block behind "
+                "`torch.utils.checkpoint(..., use_reentrant=True)` whose inputs need no gradient). The noise is "
+                "the same whether they are used or not, so this costs no privacy; the message describes the first "
+                "batch, so do not publish it.",
+                stacklevel=2,
+            )
 
     def _standard_noise(self, numel: int, device: torch.device) -> torch.Tensor | None:
         """``numel`` draws of N(0, 1) for the current step on rank 0, ``None`` elsewhere or when σ = 0."""

@@ -527,6 +527,11 @@ class ClippingEngine:
                 wrong.append(self.hooks.parameter_names[p])
         return wrong
 
+    def without_gradient(self) -> list[str]:
+        """Names of hooked parameters that got neither a per-sample nor a batch gradient in this pass."""
+        sums = self.unclipped_sums()
+        return [self.hooks.parameter_names[p] for p in self.parameters if p not in sums and p.grad is None]
+
     def accumulate(
         self,
         sums: dict[nn.Parameter, torch.Tensor],
