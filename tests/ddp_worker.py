@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan | split;
+(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan | split | settings;
 CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
@@ -86,7 +86,8 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
     seed = None if unseeded else 123
     strategy = DPStrategy(
         noise_multiplier=1.5,
-        max_grad_norm=0.5,
+        # settings: a clipping bound read per rank (rank 1 clips at twice rank 0's bound)
+        max_grad_norm=0.5 * (1 + int(os.environ.get("LOCAL_RANK", 0))) if mode == "settings" else 0.5,
         seed=seed,
         physical_batch_size=2,
         clipping=clipping,
@@ -104,7 +105,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    if mode == "split":  # expected to be refused on every rank
+    if mode in ("split", "settings"):  # expected to be refused on every rank
         try:
             trainer.fit(module)
         except ValueError as error:

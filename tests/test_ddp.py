@@ -164,3 +164,14 @@ def test_ranks_with_different_training_sets_are_refused_on_every_rank(tmp_path):
         assert "the training set differs across DDP ranks" in rank["error"]
         assert "random_split" in rank["error"]
         assert rank["steps"] == 0
+
+
+def test_ranks_with_different_privacy_settings_are_refused_on_every_rank(tmp_path):
+    """Rank 1 built DPStrategy with twice rank 0's clipping bound: the noise, drawn on rank 0, covers only
+    rank 0's bound, so a sample on rank 1 could contribute twice what is accounted. Both ranks refuse it
+    before the first step and name the setting."""
+    r0, r1 = _run(tmp_path, "settings")
+    for rank, mine in ((r0, 0.5), (r1, 1.0)):
+        assert "the privacy settings differ across DDP ranks (`max_grad_norm`;" in rank["error"]
+        assert f"max_grad_norm={mine}" in rank["error"]
+        assert rank["steps"] == 0

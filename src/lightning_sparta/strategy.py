@@ -446,11 +446,8 @@ class DPStrategy(DDPStrategy):
         in ``setup()`` without a fixed generator), an example held at different indices on two ranks can be
         drawn on both in one step, and ``q`` may differ between ranks.
         """
-        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        mine = [num_samples, batch_size, training_set_fingerprint(dataset, batch_size)]
-        ranks = self.all_gather(torch.tensor(mine, dtype=torch.int64, device=self.root_device)).view(-1, 3).tolist()
-        if all(r == ranks[0] for r in ranks):
+        ranks = self._rows_if_ranks_differ([num_samples, batch_size, training_set_fingerprint(dataset, batch_size)])
+        if ranks is None:
             return
         shown = "; ".join(f"rank {i}: n={n}, batch_size={b}, fingerprint {f:016x}" for i, (n, b, f) in enumerate(ranks))
         raise ValueError(
@@ -460,6 +457,51 @@ class DPStrategy(DDPStrategy):
             "(twice its clipped contribution) and each rank would sample at its own rate. The usual cause is a "
             "random split made in `setup()` without a fixed generator: pass "
             "`generator=torch.Generator().manual_seed(0)` to `random_split`, or split once before the ranks start."
+        )
+
+    def _rows_if_ranks_differ(self, values: list[int] | list[float]) -> list[list] | None:
+        """Every rank's ``values`` (one row per rank) if they differ across DDP ranks, else ``None``.
+
+        A collective: every rank calls it at the same point, so every rank can raise and none waits.
+        """
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
+        mine = torch.tensor(values, dtype=dtype, device=self.root_device)
+        ranks = self.all_gather(mine).view(-1, len(values)).tolist()
+        return None if all(r == ranks[0] for r in ranks) else ranks
+
+    def _check_same_privacy_settings(self) -> None:
+        """Refuse DDP ranks built with different privacy settings (a config read per rank, say).
+
+        The noise is drawn on rank 0 with its σ, but each rank clips its own samples with its own bound:
+        a rank with a larger ``max_grad_norm`` would let a sample contribute more than the noise covers,
+        and ranks with different budgets would account and stop differently.
+        """
+        settings = {
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplier": self._noise_multiplier,
+            "target_epsilon": self.target_epsilon,
+            "target_delta": self.target_delta,
+            "accountant": self.accountant_name,
+            "loss_reduction": self.loss_reduction,
+            "augmentation_multiplicity": self.augmentation_multiplicity,
+            "secure_mode": self.secure_mode,
+        }
+        # strings as stable integers (Python's str hash is salted per process); None as NaN's stand-in
+        values = [
+            -1.0 if v is None else float(int.from_bytes(v.encode()[:6], "big")) if isinstance(v, str) else float(v)
+            for v in settings.values()
+        ]
+        ranks = self._rows_if_ranks_differ(values)
+        if ranks is None:
+            return
+        differ = [name for i, name in enumerate(settings) if len({row[i] for row in ranks}) > 1]
+        raise ValueError(
+            f"DPStrategy: the privacy settings differ across DDP ranks ({', '.join(f'`{n}`' for n in differ)}; this "
+            f"rank has {', '.join(f'{n}={settings[n]!r}' for n in differ)}). Every rank must build DPStrategy with "
+            "the same arguments: the noise is drawn once, on rank 0, for rank 0's settings, while each rank clips "
+            "its own samples with its own bound and keeps its own account."
         )
 
     def _broadcast_model(self) -> None:
@@ -537,6 +579,7 @@ class DPStrategy(DDPStrategy):
         if self.sample_rate is None:
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
         check_one_training_loader(trainer.train_dataloader)
+        self._check_same_privacy_settings()
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
