@@ -328,6 +328,12 @@ class _BatchNorm(TinyModule):
         self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3))
 
 
+class _Lazy(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+
+
 class _Iterable(IterableDataset):
     def __iter__(self):
         yield from zip(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), strict=True)
@@ -349,6 +355,7 @@ class _NoData(TinyModule):
         (_Manual, {}, ValueError, "automatic optimization"),
         (_TwoOptimizers, {}, Exception, "optimizer"),
         (_BatchNorm, {}, IncompatibleModelError, r"net\.1 \(BatchNorm1d\).*GroupNorm"),
+        (_Lazy, {}, IncompatibleModelError, r"net\.0 \(LazyLinear\).*dummy batch"),
         (_IterableData, {}, TypeError, "IterableDataset"),
         (_NoData, {}, ValueError, "empty"),
         (TinyModule, {"accumulate_grad_batches": 2}, ValueError, "physical_batch_size"),

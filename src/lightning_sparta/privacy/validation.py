@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lightning_sparta._logging import shorten
 from lightning_sparta.privacy.batchnorm import (
@@ -72,6 +73,18 @@ def validate_model(model: nn.Module, batchnorm: BatchNormMode = "refuse") -> Non
         batchnorm: ``"refuse"`` refuses every BatchNorm layer; ``"freeze"`` accepts those whose running
             statistics can be frozen (:func:`prepare_model` freezes them).
     """
+    lazy = [
+        f"{name or '<root>'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if any(is_lazy(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+    ]
+    if lazy:
+        raise IncompatibleModelError(
+            f"Layers whose parameters are not initialised yet (lazy modules): {shorten(lazy)}. Their shapes would "
+            "be set by the first forward pass, inside the first private step, after the per-sample gradient hooks "
+            "and the optimizer were set up. Run the model once on a dummy batch of the right shape (at the end of "
+            "`__init__`, or in `setup()`) before `fit`; that pass sees no private data."
+        )
     renormalising = renormalising_embeddings(model)
     if renormalising:
         raise IncompatibleModelError(
