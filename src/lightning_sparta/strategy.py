@@ -110,7 +110,9 @@ class DPStrategy(DDPStrategy):
             from torch's RNG (so fixed by ``seed_everything``) when ``None``. The noise of step ``t`` is
             derived from ``(seed, t)``, so it never repeats within one strategy's accounted history
             (second ``fit`` calls and resumes included), but anyone holding the seed (it is saved in
-            checkpoints) can recompute it. Not a cryptographically secure source of randomness.
+            checkpoints) can recompute it. Not a cryptographically secure source of randomness. Two
+            runs with the same seed on the same data share their batches and noise: publishing two of
+            them (a sweep under one ``seed_everything``) lets the noise cancel; see the README.
         secure_mode: draw the noise from the operating system's cryptographically secure generator
             (``os.urandom``, Box-Muller in float64) and the sampling seed from OS entropy, and keep
             neither in checkpoints or logs: nothing saved allows recomputing the noise. Runs are then
