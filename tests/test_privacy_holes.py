@@ -193,6 +193,27 @@ def test_secure_mode_noise_cannot_be_regenerated_from_the_seed():
     assert abs((torch.dot(a, b) / (a.norm() * b.norm())).item()) < 0.2
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_two_runs_of_a_seeded_sigma_sweep_cancel_their_noise_unless_secure(secure):
+    """The README's warning about seeded sweeps, checked: two runs under one `seed_everything`, differing in σ
+    only (q = 1), release `(G + σ_k C z)/n` with the same `z`, so `(σ₂ R₁ − σ₁ R₂)/(σ₂ − σ₁)` is the clipped
+    sum `G` from `torch.func` without noise. In secure mode each run draws its own noise and it stays."""
+    releases = {}
+    for sigma in (1.0, 2.0):
+        L.seed_everything(0)
+        module = TinyModule(batch_size=24)  # batch_size == n: q = 1
+        x, y = module.dataset.tensors
+        expected = _clipped_sum_reference(module, x, y, clip=1.0)
+        before = {k: v.detach().clone() for k, v in module.named_parameters()}
+        strategy = DPStrategy(noise_multiplier=sigma, max_grad_norm=1.0, secure_mode=secure)
+        _trainer(strategy, max_steps=1).fit(module)  # SGD, lr 1: the update is the release
+        releases[sigma] = {k: before[k] - p.detach() for k, p in module.named_parameters()}
+    for name, g in expected.items():
+        recovered = (2.0 * releases[1.0][name] - 1.0 * releases[2.0][name]) * 24
+        error = (recovered - g).norm() / g.norm()
+        assert (error > 0.5) if secure else (error < 1e-5), (name, float(error))
+
+
 def test_secure_mode_noise_has_the_stated_distribution():
     """OS-entropy Gaussian noise: mean 0, std σ·C, Gaussian tails (Kolmogorov-Smirnov against N(0, 1))."""
     strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=0.5, secure_mode=True)
