@@ -108,3 +108,19 @@ def test_allocator_is_preloaded_into_every_row_and_checked(speed, monkeypatch, c
     assert speed._mapped_allocator() == "tcmalloc"
     monkeypatch.setattr(speed.Path, "read_text", lambda self: "7f00-7f01 r-xp 0 00:00 0 /usr/lib/libc.so.6\n")
     assert speed._mapped_allocator() == "glibc"
+
+
+def test_glibc_tuned_sets_mallocs_variables_in_every_row_and_only_there(speed, monkeypatch) -> None:
+    """`--allocator glibc-tuned` keeps glibc's malloc and passes its two tuning variables to the rows'
+    processes; the other allocators run without them, even when the caller's shell has them set."""
+    tuned = speed._child_env(speed.parse_args(["--allocator", "glibc-tuned", "--device", "cpu"]))
+    assert {k: tuned[k] for k in speed.GLIBC_TUNED_ENV} == speed.GLIBC_TUNED_ENV
+    assert "LD_PRELOAD" not in tuned or "malloc" not in tuned["LD_PRELOAD"]
+    for key, value in speed.GLIBC_TUNED_ENV.items():
+        monkeypatch.setenv(key, value)
+    plain = speed._child_env(speed.parse_args(["--device", "cpu"]))
+    assert not set(speed.GLIBC_TUNED_ENV) & set(plain)
+    monkeypatch.setattr(speed.Path, "read_text", lambda self: "7f00-7f01 r-xp 0 00:00 0 /usr/lib/libc.so.6\n")
+    assert speed._mapped_allocator() == "glibc-tuned"  # a row reads the variables back
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert speed._mapped_allocator() == "glibc"
