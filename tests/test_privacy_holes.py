@@ -325,6 +325,16 @@ def test_default_loader_is_replaced_quietly():
     assert not [w for w in caught if "replaced" in str(w.message)]
 
 
+def test_overfit_batches_says_the_batches_are_fresh_poisson_draws():
+    """`Trainer(overfit_batches=2)` means "the same 2 batches every epoch" to a Lightning user; under DP the
+    strategy samples from the whole set (q = batch / n), limited to 2 steps per epoch, all accounted."""
+    strategy = DPStrategy(noise_multiplier=1.0)
+    with pytest.warns(UserWarning, match=r"overfit_batches=2.*fresh Poisson draws.*Subset"):
+        _trainer(strategy, max_epochs=3, overfit_batches=2).fit(TinyModule(dataset=_data(48), batch_size=6))
+    assert strategy.sample_rate == pytest.approx(6 / 48)
+    assert strategy.steps == 3 * 2
+
+
 class _LoaderBuiltInConfigureOptimizers(_UserBatchSampler):
     """`estimated_stepping_batches` in configure_optimizers builds the training loader during `setup`."""
 

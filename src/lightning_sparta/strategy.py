@@ -582,6 +582,13 @@ class DPStrategy(DDPStrategy):
             raise ValueError("DPStrategy found no training data: `train_dataloader` returned nothing.")
         check_one_training_loader(trainer.train_dataloader)
         self._check_same_privacy_settings()
+        if trainer.overfit_batches:
+            rank_zero_user_warn(
+                f"DPStrategy: `overfit_batches={trainer.overfit_batches}` keeps its batch count, but the batches are "
+                "fresh Poisson draws from the whole training set at every epoch (the strategy owns the sampling), "
+                "so no fixed set of batches is overfitted. To debug on a few examples, train on a `Subset` of "
+                "them instead; every step is accounted either way."
+            )
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
