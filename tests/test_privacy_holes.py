@@ -41,6 +41,7 @@ from torch.utils.data import (
 
 from lightning_sparta import DPStrategy
 from lightning_sparta.privacy import epsilon_for, input_gradients
+from lightning_sparta.privacy.noise import step_noise
 from test_strategy import TinyModule, _clipped_sum_reference, _data, _trainer
 
 # the clipping engines of issue 10: every hole must stay closed on each of them
@@ -176,6 +177,23 @@ def _noise_only_update(strategy: DPStrategy, **trainer_kwargs) -> torch.Tensor:
     before = _flat(module)
     _trainer(strategy, max_steps=1, **trainer_kwargs).fit(module)
     return _flat(module) - before
+
+
+def test_each_steps_noise_is_its_own_draw_from_the_reused_buffer():
+    """The reproducible noise is written into one buffer kept across steps: 3 steps of a zero loss (σ C = 1,
+    SGD lr 1, no momentum) move the weights by exactly -(z_0 + z_1 + z_2)/B with z_t = `step_noise(seed, t)`
+    drawn afresh, so no step reuses or keeps another step's vector."""
+    module = TinyModule(zero_loss=True, batch_size=12, width=20)  # 24 samples: q = 1/2
+    before = _flat(module)
+    strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=5)
+    _trainer(strategy, max_epochs=2, max_steps=3).fit(module)
+    assert strategy.steps == 3
+    numel = before.numel()
+    expected = sum(step_noise(numel, 5, t) for t in range(3))
+    torch.testing.assert_close(_flat(module) - before, -expected / 12, atol=1e-6, rtol=1e-5)
+    out = torch.full((numel,), float("nan"))
+    assert step_noise(numel, 5, 1, out=out) is out
+    assert torch.equal(out, step_noise(numel, 5, 1))
 
 
 def test_secure_mode_noise_cannot_be_regenerated_from_the_seed():

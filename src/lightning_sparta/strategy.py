@@ -245,6 +245,7 @@ class DPStrategy(DDPStrategy):
         self._release_pending: Optimizer | None = None
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
         self._warned_local_reduce = False
+        self._noise_buffer: torch.Tensor | None = None  # reproducible mode's draws (see _standard_noise)
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
         if privacy_state is not None:
             self.load_privacy_state(privacy_state)
@@ -919,8 +920,11 @@ class DPStrategy(DDPStrategy):
             return None
         if self.secure_mode:
             return secure_normal(numel, device=device)
+        buffer = self._noise_buffer  # one model-sized float32 buffer, rewritten every step
+        if buffer is None or buffer.numel() != numel or buffer.device != torch.device(device):
+            buffer = self._noise_buffer = torch.empty(numel, device=device)
         # keyed by the accounted step: a second fit or a resume continues the stream, never replays it
-        return step_noise(numel, self._seed or 0, self.steps, device=device)
+        return step_noise(numel, self._seed or 0, self.steps, device=device, out=buffer)
 
     def _released(self, tensors: list[torch.Tensor], noise: bool = True) -> list[torch.Tensor]:
         """The sums in float32 on the root device, plus ``N(0, σ²C²)`` once (unless ``noise=False``), all-reduced.
@@ -1138,6 +1142,7 @@ class DPStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self._summed.clear()
+        self._noise_buffer = None
         self.engine.clear()  # per-sample gradients of a step that did not finish
         self.engine.detach()
         if self._frozen_batchnorm is not None:  # BatchNorm behaves as the user's code expects again

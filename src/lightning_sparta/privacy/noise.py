@@ -40,8 +40,13 @@ def rewound_seed(seed: int, steps: int) -> int:
     return int(state) >> 2
 
 
-def step_noise(numel: int, seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def step_noise(
+    numel: int, seed: int, step: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``numel`` standard normal draws for accounted step ``step`` of the stream ``seed`` (float32).
+
+    ``out``, a float32 tensor of ``numel`` elements on ``device``, receives the draws (the same values):
+    a buffer kept across steps saves faulting in a fresh model-sized tensor every step on CPU.
 
     Example:
         >>> a, b = step_noise(4, seed=1, step=0), step_noise(4, seed=1, step=1)
@@ -50,7 +55,9 @@ def step_noise(numel: int, seed: int, step: int, device: torch.device | str = "c
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(_stream_seed(seed, step))
-    return torch.randn(numel, generator=generator, device=device)
+    if out is None:
+        return torch.randn(numel, generator=generator, device=device)
+    return torch.randn(numel, generator=generator, device=device, out=out)
 
 
 def _secure_uniform(numel: int) -> torch.Tensor:
