@@ -41,7 +41,7 @@ from torch.utils.data import (
 
 from lightning_sparta import DPStrategy
 from lightning_sparta.privacy import epsilon_for, input_gradients
-from lightning_sparta.privacy.noise import step_noise
+from lightning_sparta.privacy.noise import _SECURE_CHUNK, step_noise
 from test_strategy import TinyModule, _clipped_sum_reference, _data, _trainer
 
 # the clipping engines of issue 10: every hole must stay closed on each of them
@@ -232,12 +232,17 @@ def test_two_runs_of_a_seeded_sigma_sweep_cancel_their_noise_unless_secure(secur
         assert (error > 0.5) if secure else (error < 1e-5), (name, float(error))
 
 
-def test_secure_mode_noise_has_the_stated_distribution():
-    """OS-entropy Gaussian noise: mean 0, std σ·C, Gaussian tails (Kolmogorov-Smirnov against N(0, 1))."""
+@pytest.mark.parametrize("numel", [200_000, 1_100_001])  # one chunk of draws; three, the last odd
+def test_secure_mode_noise_has_the_stated_distribution(numel):
+    """OS-entropy Gaussian noise: mean 0, std σ·C, Gaussian tails (Kolmogorov-Smirnov against N(0, 1)), and
+    chunks of the draws (made 2^19 at a time) are not repeated or correlated."""
     strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=0.5, secure_mode=True)
     strategy.parallel_devices = [torch.device("cpu")]  # as the Trainer sets it
-    (noise,) = strategy._released([torch.zeros(200_000)])  # what a step adds to a zero clipped sum
+    (noise,) = strategy._released([torch.zeros(numel)])  # what a step adds to a zero clipped sum
     noise = noise.double()
+    chunk = min(numel // 2, 2 * _SECURE_CHUNK)  # the draws of one chunk against the next one's (or half against half)
+    pair = torch.stack([noise[:chunk], noise[chunk : 2 * chunk]])
+    assert abs(torch.corrcoef(pair)[0, 1].item()) < 5 / math.sqrt(chunk)
     std = 2.0 * 0.5
     assert abs(noise.mean().item()) < 5 * std / math.sqrt(noise.numel())
     assert abs(noise.std().item() / std - 1) < 0.01  # relative standard error ≈ 0.16%

@@ -245,7 +245,7 @@ class DPStrategy(DDPStrategy):
         self._release_pending: Optimizer | None = None
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
         self._warned_local_reduce = False
-        self._noise_buffer: torch.Tensor | None = None  # reproducible mode's draws (see _standard_noise)
+        self._noise_buffer: torch.Tensor | None = None  # each step's N(0, 1) draws (see _standard_noise)
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
         if privacy_state is not None:
             self.load_privacy_state(privacy_state)
@@ -918,11 +918,11 @@ class DPStrategy(DDPStrategy):
         """``numel`` draws of N(0, 1) for the current step on rank 0, ``None`` elsewhere or when σ = 0."""
         if self.global_rank != 0 or not self._noise_multiplier:
             return None
-        if self.secure_mode:
-            return secure_normal(numel, device=device)
         buffer = self._noise_buffer  # one model-sized float32 buffer, rewritten every step
         if buffer is None or buffer.numel() != numel or buffer.device != torch.device(device):
             buffer = self._noise_buffer = torch.empty(numel, device=device)
+        if self.secure_mode:
+            return secure_normal(numel, device=device, out=buffer)
         # keyed by the accounted step: a second fit or a resume continues the stream, never replays it
         return step_noise(numel, self._seed or 0, self.steps, device=device, out=buffer)
 

@@ -60,28 +60,41 @@ def step_noise(
     return torch.randn(numel, generator=generator, device=device, out=out)
 
 
+_SECURE_CHUNK = 1 << 18  # pairs of draws per chunk: the float64 work stays in cache (2 MiB per buffer)
+
+
 def _secure_uniform(numel: int) -> torch.Tensor:
     """``numel`` uniforms in (0, 1] with 53 random bits each, from the OS CSPRNG (float64, CPU)."""
-    raw = torch.frombuffer(bytearray(os.urandom(8 * numel)), dtype=torch.int64) if numel else torch.zeros(0).long()
-    bits = raw & ((1 << _MANTISSA) - 1)
-    return (bits.double() + 1.0) * 2.0**-_MANTISSA
+    raw = np.frombuffer(os.urandom(8 * numel), dtype=np.uint64)  # read-only, no copy
+    return (torch.from_numpy((raw >> np.uint64(64 - _MANTISSA)).astype(np.float64)) + 1.0) * 2.0**-_MANTISSA
 
 
-def secure_normal(numel: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def secure_normal(
+    numel: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``numel`` standard normal draws from the operating system's cryptographically secure generator.
 
-    Box-Muller on pairs of 53-bit uniforms, computed in float64 and then cast to ``dtype``.
+    Box-Muller on pairs of 53-bit uniforms, computed in float64 and then cast to ``dtype``. The work
+    runs in chunks of :data:`_SECURE_CHUNK` pairs, so no model-sized float64 tensor is formed; ``out``
+    (``numel`` elements of ``dtype`` on ``device``), if given, receives the draws.
 
     Example:
         >>> secure_normal(5).shape
         torch.Size([5])
     """
-    pairs = (numel + 1) // 2
-    u1, u2 = _secure_uniform(pairs), _secure_uniform(pairs)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = 2.0 * math.pi * u2
-    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]
-    return z.to(device=device, dtype=dtype)
+    if out is None:
+        out = torch.empty(numel, device=device, dtype=dtype)
+    for lo in range(0, numel, 2 * _SECURE_CHUNK):
+        hi = min(numel, lo + 2 * _SECURE_CHUNK)
+        pairs = (hi - lo + 1) // 2
+        radius = _secure_uniform(pairs).log_().mul_(-2.0).sqrt_()
+        angle = _secure_uniform(pairs).mul_(2.0 * math.pi)
+        z = torch.cat([torch.cos(angle).mul_(radius), torch.sin(angle).mul_(radius)])[: hi - lo]
+        out[lo:hi].copy_(z)
+    return out
 
 
 __all__ = ["secure_normal", "step_noise"]
