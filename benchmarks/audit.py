@@ -101,8 +101,16 @@ def _run(
                 seed=opts.seed,
             )
     if kind == "reused":  # the simulated bug: one noise vector (per size) drawn once and added at every step
-        fresh, drawn = strategy._noise, {}
-        strategy._noise = lambda numel, device: drawn.setdefault(numel, fresh(numel, device))
+        # (the strategy's draws land in one buffer it rewrites every step: keep a copy of the first). The patch
+        # once named a method the strategy had since renamed and simulated nothing; the run now fails if the
+        # patched method is not called at several steps.
+        fresh, drawn, calls = strategy._standard_noise, {}, []
+
+        def reused(numel, device):
+            calls.append(numel)
+            return drawn.setdefault(numel, fresh(numel, device).clone())
+
+        strategy._standard_noise = reused
     sparta = SpartaMaskCallback(mask_epoch=opts.mask_epoch, trainable_fraction=0.2, save_mask=False)
     trainer = L.Trainer(
         max_epochs=opts.epochs,
@@ -122,6 +130,8 @@ def _run(
         warnings.filterwarnings("ignore", message=".*exceeds the accountant")
         trainer.fit(module, datamodule=data)
     fit_time = time.perf_counter() - start
+    if kind == "reused" and len(calls) < 2:
+        raise RuntimeError(f"the reused-noise patch ran {len(calls)} times in {strategy.steps} steps: not simulated")
     test = trainer.test(module, datamodule=data, verbose=False)[0]
     # ε as the accountant reports it (the reused-noise run does not know it is broken)
     epsilon = strategy.epsilon() if kind != "sigma0" else math.inf

@@ -202,8 +202,9 @@ def _audit(
         warnings.filterwarnings("ignore", message="noise_multiplier=0")
         strategy = DPStrategy(noise_multiplier=sigma, max_grad_norm=1.0, seed=2, accountant="rdp")
     if reuse_noise:  # the bug to catch: the same noise vector at every step
+        # the strategy's draws land in one buffer it rewrites every step: keep a copy of the first
         fresh, drawn = strategy._standard_noise, {}
-        strategy._standard_noise = lambda numel, device: drawn.setdefault(numel, fresh(numel, device))
+        strategy._standard_noise = lambda numel, device: drawn.setdefault(numel, fresh(numel, device).clone())
     callbacks = [audit, *([SpartaMaskCallback(mask_epoch=1, trainable_fraction=0.5)] if sparta else [])]
     trainer = L.Trainer(
         strategy=strategy,
