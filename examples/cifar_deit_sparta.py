@@ -68,6 +68,7 @@ import re
 import warnings
 from typing import Any
 
+import torch.distributed as dist
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -214,4 +215,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # gloo's worker threads can abort the process at interpreter exit (SIGABRT, "terminate called
+        # without an active exception") unless the process group is destroyed first; Lightning leaves it up
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 from lightning_sparta import DPStrategy, SpartaMaskCallback
@@ -59,4 +60,10 @@ def main(out: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    try:
+        main(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        # gloo's worker threads can abort the process at interpreter exit (SIGABRT, "terminate called
+        # without an active exception") unless the process group is destroyed first; Lightning leaves it up
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

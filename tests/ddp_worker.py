@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
@@ -131,4 +132,10 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
+    try:
+        main(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
+    finally:
+        # gloo's worker threads can abort the process at interpreter exit (SIGABRT, "terminate called
+        # without an active exception") unless the process group is destroyed first; Lightning leaves it up
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
