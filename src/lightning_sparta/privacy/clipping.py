@@ -529,8 +529,8 @@ class ClippingEngine:
 
     def without_gradient(self) -> list[str]:
         """Names of hooked parameters that got neither a per-sample nor a batch gradient in this pass."""
-        sums = self.unclipped_sums()
-        return [self.hooks.parameter_names[p] for p in self.parameters if p not in sums and p.grad is None]
+        reached = {p for p, _ in self.batch_sizes()}  # no sums formed: the first-step check formed them already
+        return [self.hooks.parameter_names[p] for p in self.parameters if p not in reached and p.grad is None]
 
     def accumulate(
         self,
