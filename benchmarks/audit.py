@@ -101,7 +101,7 @@ def _run(
                 seed=opts.seed,
             )
     if kind == "reused":  # the simulated bug: one noise vector (per size) drawn once and added at every step
-        # (the strategy's draws land in one buffer it rewrites every step: keep a copy of the first). The patch
+        # The strategy's draws land in one buffer it rewrites every step: keep a copy of the first. The patch
         # once named a method the strategy had since renamed and simulated nothing; the run now fails if the
         # patched method is not called at several steps.
         fresh, drawn, calls = strategy._standard_noise, {}, []
