@@ -31,12 +31,8 @@ data:
 		echo "dataset-fashion-mnist not installed; torchvision will try to download Fashion-MNIST"; \
 	fi
 
-# glibc keeps freed blocks instead of returning them to the system and faulting them in again
-# (README, "Speed and memory"); other C libraries ignore the two variables.
-GLIBC_MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
-
 run: $(STAMP) data
-	$(GLIBC_MALLOC_ENV) $(PY) examples/fashion_mnist_sparta.py $(RUN_ARGS)
+	$(PY) examples/fashion_mnist_sparta.py $(RUN_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

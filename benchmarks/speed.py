@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"glibc-tuned is glibc with {' '.join(f'{k}={v}' for k, v in GLIBC_TUNED_ENV.items())}",
     )
     parser.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="DPStrategy(tune_malloc=False): the DP rows leave glibc's malloc as it is (by default the strategy "
+        "sets the same two thresholds as glibc-tuned in its own process when training on CPU)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -405,7 +411,11 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     strategy: Any = "auto"
     if dp_row:
         strategy = DPStrategy(
-            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, seed=args.seed, clipping=clipping
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=MAX_GRAD_NORM,
+            seed=args.seed,
+            clipping=clipping,
+            tune_malloc=not args.no_tune_malloc,
         )
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
@@ -445,6 +455,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "clipping_table": getattr(timer, "clipping_table", None),
         "batch_size": args.batch_size,
         "allocator": allocator,
+        "malloc_tuned_by_strategy": dp_row and sys.modules["lightning_sparta._malloc"]._tuned,
     }
 
 
@@ -498,7 +509,7 @@ def _child_command(args: argparse.Namespace, model: str, row: str, result_file: 
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     command += ["--dataset-size", str(args.dataset_size), "--depth", str(args.depth), "--device", args.device]
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--image-size", str(args.image_size)]
-    command += ["--allocator", args.allocator]
+    command += ["--allocator", args.allocator] + (["--no-tune-malloc"] if args.no_tune_malloc else [])
     return command + (["--profile"] if args.profile else [])
 
 
@@ -710,7 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"device={args.device} ({machine}), torch {torch.__version__}, threads={args.threads}, "
         f"batch={args.batch_size}, N={args.dataset_size}, warmup={args.warmup}, steps={args.steps}, "
-        f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}, malloc={args.allocator}"
+        f"DeiT depth={args.depth}, images {args.image_size}x{args.image_size}, malloc={args.allocator} "
+        f"(DPStrategy rows: tune_malloc={not args.no_tune_malloc})"
         + (f", {args.repeats} interleaved runs per row (median shown)" if args.repeats > 1 else "")
     )
     print(header, flush=True)

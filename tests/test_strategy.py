@@ -292,6 +292,7 @@ def test_budget_callback_stops_before_exceeding_and_logs(tmp_path):
         ({"noise_multiplier": 1.0, "physical_batch_size": 0}, "physical_batch_size"),
         ({"noise_multiplier": 1.0, "loss_reduction": "none"}, "loss_reduction"),
         ({"noise_multiplier": 1.0, "clipping": "bogus"}, r"`clipping` must be one of .*got 'bogus'"),
+        ({"noise_multiplier": 1.0, "tune_malloc": "yes"}, r"`tune_malloc` must be True or False, got 'yes'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
