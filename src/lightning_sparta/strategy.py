@@ -67,6 +67,7 @@ from lightning_sparta.privacy.guards import (
     check_optimizer,
     check_trainer,
     refuse_unclipped_gradients,
+    warn_if_compiled,
     warn_private_monitors,
 )
 from lightning_sparta.privacy.noise import rewound_seed, secure_normal, step_noise
@@ -435,6 +436,7 @@ class DPStrategy(DDPStrategy):
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
         check_trainer(trainer, self.lightning_module, self.precision_plugin)
+        warn_if_compiled(self.lightning_module)
         self._frozen_batchnorm = prepare_model(self.lightning_module, batchnorm=self.batchnorm)
         self._low_precision = "bf16" in str(trainer.precision)
 

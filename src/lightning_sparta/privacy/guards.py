@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -37,6 +38,30 @@ def check_trainer(trainer: pl.Trainer, module: pl.LightningModule, plugin: objec
     check_no_accumulation(trainer)
     check_precision(str(trainer.precision), plugin)
     check_no_batch_mixing(module)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile call
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def warn_if_compiled(module: pl.LightningModule) -> None:
+    """Say that ``torch.compile`` brings nothing under the strategy, before Dynamo's own warnings do.
+
+    The update is the eager one (``tests/test_compile.py``), but Dynamo traces the strategy's forward
+    hooks, which swap ghost layers' parameters for detached ones at every call, and the Poisson batch
+    size changes from step to step: the compiled frames recompile until Dynamo's limit, then run eagerly.
+    """
+    compiled = [name or "the LightningModule" for name, m in module.named_modules() if _is_compiled(m)]
+    if getattr(module, "_compiler_ctx", None) is not None:
+        compiled.insert(0, "the LightningModule")
+    if compiled:
+        rank_zero_user_warn(
+            f"DPStrategy: compiled with `torch.compile`: {shorten(compiled)}. The clipped update is the same as "
+            "without it, but no faster: the strategy's hooks swap parameters at every call and Poisson batch "
+            "sizes vary, so Dynamo recompiles until `torch._dynamo.config.recompile_limit` and then runs "
+            "eagerly. Train the uncompiled model."
+        )
 
 
 def check_no_accumulation(trainer: pl.Trainer) -> None:
