@@ -25,6 +25,16 @@ class _Centred(TinyModule):
         return self.net[2](self.net[1](h - h.mean(0)))
 
 
+class _AnchoredToFirst(TinyModule):
+    """Features relative to the batch's first sample, taken as a constant (an anchor or reference image
+    under ``detach``): replacing the last sample leaves every other sample's gradient as it was, since no
+    gradient flows back to the anchor; replacing the first moves them all."""
+
+    def forward(self, x):
+        h = self.net[0](x)
+        return self.net[2](self.net[1](h - h[:1].detach()))
+
+
 class _NormalisedLoss(TinyModule):
     """Each sample's loss divided by the batch's total loss (weights from the other samples)."""
 
@@ -98,6 +108,7 @@ class _Stochastic(TinyModule):
     "make",
     [
         _Centred,
+        _AnchoredToFirst,
         _NormalisedLoss,
         _InBatchNegatives,
         _HandMixup,
@@ -106,6 +117,7 @@ class _Stochastic(TinyModule):
     ],
     ids=[
         "centred",
+        "anchored_to_first",
         "normalised_loss",
         "in_batch_negatives",
         "hand_mixup",

@@ -7,12 +7,13 @@ batch statistic, in-batch negatives (``z @ z.T``), a layer that centres over the
 train mode, timm's and torchvision's MixUp/CutMix) but cannot see hand-written ones during training.
 
 :func:`check_sample_independence` finds them on one batch, outside training: it runs ``training_step``
-twice, on the batch and on the batch with its last sample replaced by a copy of its first, and compares
-the per-sample gradients of the other samples, which must not move. It finds any coupling that involves
-the last sample (a batch statistic, a pairing such as ``x.flip(0)``), not one among the others only.
-Every random generator (torch's, CUDA's, ``random``'s and NumPy's) is restored between the two runs, so
-dropout and random augmentation inside ``training_step`` draw the same values both times. Run it in a
-test or a notebook on a batch of real shape.
+three times: on the batch, on the batch with its last sample replaced by a copy of its first, and on the
+batch with its first sample replaced by a copy of its last, and compares the per-sample gradients of the
+samples not replaced, which must not move. It finds any coupling that involves the first or the last
+sample (a batch statistic, a pairing such as ``x.flip(0)``, an anchor taken from the first sample), not
+one among the others only. Every random generator (torch's, CUDA's, ``random``'s and NumPy's) is
+restored between the runs, so dropout and random augmentation inside ``training_step`` draw the same
+values every time. Run it in a test or a notebook on a batch of real shape.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ def _same_randomness() -> Iterator[None]:
         np.random.set_state(states[3])
 
 
-def _replace_last_by_first(batch: Any, size: int) -> Any:
+def _replaced(batch: Any, size: int, target: int, source: int) -> Any:
+    """``batch`` with sample ``target`` replaced by a copy of sample ``source``."""
+
     def replace(t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] != size:
             return t
         t = t.clone()
-        t[-1] = t[0]
+        t[target] = t[source]
         return t
 
     return map_batch(batch, replace)
@@ -97,12 +100,13 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
     """Raise if a sample's gradient in ``module.training_step`` depends on other samples of ``batch``.
 
     ``training_step(batch, 0)``, after the module's ``on_before_batch_transfer`` and
-    ``on_after_batch_transfer`` (where GPU augmentation often runs), runs twice in train mode (BatchNorm
-    layers in eval mode, as :class:`~lightning_sparta.DPStrategy` freezes them): on ``batch`` and on
-    ``batch`` with its last sample replaced by its first, with every random generator restored in between.
-    The per-sample gradients of samples ``0 .. B-2`` are compared by their norms per parameter tensor (so
-    memory stays that of one DP step). The module's parameters, gradients and modes are left as they were; what
-    ``training_step`` itself does (logging, counters) happens twice.
+    ``on_after_batch_transfer`` (where GPU augmentation often runs), runs three times in train mode
+    (BatchNorm layers in eval mode, as :class:`~lightning_sparta.DPStrategy` freezes them): on ``batch``,
+    on ``batch`` with its last sample replaced by its first, and on ``batch`` with its first sample
+    replaced by its last, with every random generator restored in between. The per-sample gradients of
+    the samples not replaced are compared with the first run's by their norms per parameter tensor (so
+    memory stays that of one DP step). The module's parameters, gradients and modes are left as they were;
+    what ``training_step`` itself does (logging, counters) happens three times.
 
     Args:
         module: a LightningModule (anything with ``training_step(batch, batch_idx)`` returning a loss
@@ -153,9 +157,11 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
                 m.eval()
         hooks.attach(module)
         with _same_randomness():
-            first = _per_sample_norms(module, hooks, batch, size)
-        with _same_randomness():
-            second = _per_sample_norms(module, hooks, _replace_last_by_first(batch, size), size)
+            reference = _per_sample_norms(module, hooks, batch, size)
+        changed = {}
+        for target, source in ((size - 1, 0), (0, size - 1)):  # the last sample, then the first
+            with _same_randomness():
+                changed[target] = _per_sample_norms(module, hooks, _replaced(batch, size, target, source), size)
     finally:
         hooks.detach()
         for m, training in modes.items():
@@ -164,19 +170,27 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
             p.grad = g
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
-    before, after = first[:-1], second[:-1]
-    scale = before.norm(dim=1).clamp(min=1e-6 * float(before.norm(dim=1).max()) + 1e-30)
-    change = (after - before).norm(dim=1) / scale
-    worst = int(change.argmax())
-    if float(change[worst]) > tolerance:
-        raise SampleCouplingError(
-            f"Sample {worst}'s gradient changed by {float(change[worst]):.2g} (relative) when another sample "
-            "of the batch was replaced: the samples are coupled, and clipping does not bound what one sample "
-            "contributes. Look for a loss normalised by a batch statistic, in-batch negatives, a layer that "
-            "reduces over the batch dimension or hand-written mixing; each sample's loss must depend on that "
-            "sample alone."
-        )
-    return float(change.max())
+    norms = reference.norm(dim=1)
+    scale = norms.clamp(min=1e-6 * float(norms.max()) + 1e-30)
+    largest = 0.0
+    for target, after in changed.items():
+        change = (after - reference).norm(dim=1) / scale
+        change[target] = 0.0  # the replaced sample itself
+        worst = int(change.argmax())
+        largest = max(largest, float(change[worst]))
+        if float(change[worst]) > tolerance:
+            raise _coupled(worst, float(change[worst]), target)
+    return largest
+
+
+def _coupled(sample: int, change: float, replaced: int) -> SampleCouplingError:
+    return SampleCouplingError(
+        f"Sample {sample}'s gradient changed by {change:.2g} (relative) when sample {replaced} of the batch "
+        "was replaced: the samples are coupled, and clipping does not bound what one sample "
+        "contributes. Look for a loss normalised by a batch statistic, in-batch negatives, a layer that "
+        "reduces over the batch dimension or hand-written mixing; each sample's loss must depend on that "
+        "sample alone."
+    )
 
 
 __all__ = ["SampleCouplingError", "check_sample_independence"]
