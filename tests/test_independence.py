@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -91,6 +93,19 @@ class _Adversarial(TinyModule):
         return F.cross_entropy(self((x + 0.3 * step).detach()), y)
 
 
+class _AdversarialMeanInner(TinyModule):
+    """An L2 adversarial step from a mean-reduced inner loss: each input gradient carries 1 / batch size,
+    so a sample's perturbed input depends on how many other samples the Poisson draw took. Replacing a
+    sample keeps the batch size and cannot show this; removing one does."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with input_gradients(self):
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(self(xr), y), xr)
+        return F.cross_entropy(self((x + 5.0 * g).detach()), y)
+
+
 class _Stochastic(TinyModule):
     """Dropout, random augmentation in training_step and a BatchNorm: independent once BN is frozen."""
 
@@ -114,6 +129,7 @@ class _Stochastic(TinyModule):
         _HandMixup,
         _MixedAfterTransfer,
         lambda: _Adversarial(universal=True),
+        _AdversarialMeanInner,
     ],
     ids=[
         "centred",
@@ -123,6 +139,7 @@ class _Stochastic(TinyModule):
         "hand_mixup",
         "mixed_after_transfer",
         "universal_perturbation",
+        "adversarial_mean_inner_loss",
     ],
 )
 def test_samples_mixed_by_hand_are_found(make):
@@ -130,6 +147,14 @@ def test_samples_mixed_by_hand_are_found(make):
     L.seed_everything(0)
     with pytest.raises(SampleCouplingError, match=r"Sample \d+'s gradient changed by .* samples are coupled"):
         check_sample_independence(make(), _batch())
+
+
+def test_a_dependence_on_the_batch_size_is_found_by_leaving_a_sample_out():
+    """A mean-reduced inner loss scales each adversarial step by 1 / batch size. Replacing a sample keeps the
+    size and finds nothing; the run without the last sample (in eval mode) does, and says so."""
+    L.seed_everything(0)
+    with pytest.raises(SampleCouplingError, match=r"when sample 7 was left out of the batch"):
+        check_sample_independence(_AdversarialMeanInner(), _batch())
 
 
 def test_adversarial_examples_from_each_samples_own_input_gradient_pass():
@@ -147,7 +172,13 @@ def test_independent_samples_pass_with_randomness_and_nothing_changes(module_cls
     module.train()
     state = {k: v.clone() for k, v in module.state_dict().items()}
     rng = torch.get_rng_state()
-    change = check_sample_independence(module, _batch())
+    if module_cls is _Stochastic:  # its training_step adds noise: a smaller batch cannot draw the same
+        with pytest.warns(UserWarning, match="draws random numbers of its own .* batch size .* not looked for"):
+            change = check_sample_independence(module, _batch())
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            change = check_sample_independence(module, _batch())
     assert change < 1e-5
     assert module.training
     assert all(m.training for m in module.modules())

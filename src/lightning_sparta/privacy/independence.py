@@ -13,12 +13,20 @@ samples not replaced, which must not move. It finds any coupling that involves t
 sample (a batch statistic, a pairing such as ``x.flip(0)``, an anchor taken from the first sample), not
 one among the others only. Every random generator (torch's, CUDA's, ``random``'s and NumPy's) is
 restored between the runs, so dropout and random augmentation inside ``training_step`` draw the same
-values every time. Run it in a test or a notebook on a batch of real shape.
+values every time.
+
+Under Poisson sampling a neighbouring data set also changes the batch size, so the check then leaves the
+last sample out: a loss or an adversarial step divided by the batch size (a mean-reduced inner loss)
+moves every other sample's gradient. A smaller batch draws other random numbers, so this part runs with
+every module in eval mode (dropout and stochastic depth off), and is skipped with a warning when
+``training_step`` still draws random numbers of its own. Run the check in a test or a notebook on a
+batch of real shape.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,6 +76,16 @@ def _replaced(batch: Any, size: int, target: int, source: int) -> Any:
     return map_batch(batch, replace)
 
 
+def _reseed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _removed_last(batch: Any, size: int) -> Any:
+    return map_batch(batch, lambda t: t[: size - 1] if t.shape[0] == size else t)
+
+
 def _per_sample_norms(module: nn.Module, hooks: PerSampleGradients, batch: Any, size: int) -> torch.Tensor:
     for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):  # a LightningModule's batch hooks
         if hasattr(module, hook):
@@ -106,7 +124,10 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
     replaced by its last, with every random generator restored in between. The per-sample gradients of
     the samples not replaced are compared with the first run's by their norms per parameter tensor (so
     memory stays that of one DP step). The module's parameters, gradients and modes are left as they were;
-    what ``training_step`` itself does (logging, counters) happens three times.
+    what ``training_step`` itself does (logging, counters) happens three times. Then, with every module in
+    eval mode, it runs on ``batch`` (twice, the second time with the generators seeded otherwise, to see
+    whether ``training_step`` draws random numbers of its own) and, if it does not, on ``batch`` without
+    its last sample, and compares the other samples: a dependence on the batch size.
 
     Args:
         module: a LightningModule (anything with ``training_step(batch, batch_idx)`` returning a loss
@@ -119,7 +140,8 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
         The largest relative change found.
 
     Raises:
-        SampleCouplingError: naming the sample, the change and the usual causes.
+        SampleCouplingError: naming the sample, the change, what was done to the batch and the usual
+            causes.
         ValueError: for a batch of fewer than 2 samples or a non-positive ``tolerance``, or a model whose
             per-sample gradients do not have one row per sample (a batch folded into another dimension).
 
@@ -158,10 +180,34 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
         hooks.attach(module)
         with _same_randomness():
             reference = _per_sample_norms(module, hooks, batch, size)
-        changed = {}
-        for target, source in ((size - 1, 0), (0, size - 1)):  # the last sample, then the first
+        runs = []  # (what was done, the samples compared, their per-sample gradient norms then, and before)
+        for target, source in ((size - 1, 0), (0, size - 1)):  # the last sample replaced, then the first
             with _same_randomness():
-                changed[target] = _per_sample_norms(module, hooks, _replaced(batch, size, target, source), size)
+                norms = _per_sample_norms(module, hooks, _replaced(batch, size, target, source), size)
+            kept = [i for i in range(size) if i != target]
+            runs.append((f"sample {target} of the batch was replaced", kept, norms[kept], reference))
+        # The last sample left out, which changes the batch size as Poisson sampling does. A smaller batch
+        # draws other random numbers, so this comparison runs with every module in eval mode (dropout and
+        # stochastic depth off), and only if `training_step` is then deterministic.
+        for m in module.modules():
+            m.eval()
+        with _same_randomness():
+            full = _per_sample_norms(module, hooks, batch, size)
+        with _same_randomness():
+            _reseed(2**31 - 1)
+            random_step = not torch.allclose(_per_sample_norms(module, hooks, batch, size), full, rtol=tolerance)
+        if random_step:
+            warnings.warn(
+                "check_sample_independence: `training_step` draws random numbers of its own (an augmentation?), "
+                "so leaving a sample out could not be compared, and a dependence on the batch size (a loss "
+                "or an adversarial step divided by it) was not looked for.",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            with _same_randomness():
+                norms = _per_sample_norms(module, hooks, _removed_last(batch, size), size - 1)
+            runs.append((f"sample {size - 1} was left out of the batch", list(range(size - 1)), norms, full))
     finally:
         hooks.detach()
         for m, training in modes.items():
@@ -170,26 +216,25 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
             p.grad = g
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
-    norms = reference.norm(dim=1)
-    scale = norms.clamp(min=1e-6 * float(norms.max()) + 1e-30)
     largest = 0.0
-    for target, after in changed.items():
-        change = (after - reference).norm(dim=1) / scale
-        change[target] = 0.0  # the replaced sample itself
+    for what, kept, after, before in runs:
+        norms = before.norm(dim=1)
+        scale = norms.clamp(min=1e-6 * float(norms.max()) + 1e-30)
+        change = (after - before[kept]).norm(dim=1) / scale[kept]
         worst = int(change.argmax())
         largest = max(largest, float(change[worst]))
         if float(change[worst]) > tolerance:
-            raise _coupled(worst, float(change[worst]), target)
+            raise _coupled(kept[worst], float(change[worst]), what)
     return largest
 
 
-def _coupled(sample: int, change: float, replaced: int) -> SampleCouplingError:
+def _coupled(sample: int, change: float, what: str) -> SampleCouplingError:
     return SampleCouplingError(
-        f"Sample {sample}'s gradient changed by {change:.2g} (relative) when sample {replaced} of the batch "
-        "was replaced: the samples are coupled, and clipping does not bound what one sample "
-        "contributes. Look for a loss normalised by a batch statistic, in-batch negatives, a layer that "
-        "reduces over the batch dimension or hand-written mixing; each sample's loss must depend on that "
-        "sample alone."
+        f"Sample {sample}'s gradient changed by {change:.2g} (relative) when {what}: the samples are coupled, "
+        "and clipping does not bound what one sample contributes. Look for a loss normalised by a batch "
+        "statistic or by the batch size (a mean-reduced inner loss of an adversarial step), in-batch "
+        "negatives, a layer that reduces over the batch dimension or hand-written mixing; each sample's loss "
+        "must depend on that sample alone."
     )
 
 

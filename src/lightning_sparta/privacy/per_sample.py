@@ -802,7 +802,9 @@ def input_gradients(module: nn.Module) -> Iterator[None]:
     the samples (``reduction="sum"``): a mean scales every input gradient by ``1 / batch size``, and the
     (Poisson) batch size depends on which other samples were drawn. A step along the gradient's sign
     (FGSM, PGD) does not depend on that scale. BatchNorm statistics are frozen by the strategy, and the
-    other ways a batch can mix its samples are listed in the README.
+    other ways a batch can mix its samples are listed in the README;
+    :func:`~lightning_sparta.privacy.check_sample_independence` finds a mean-reduced inner loss (it
+    leaves a sample out) and most of those ways on one batch.
 
     Example:
         >>> def training_step(self, batch, batch_idx):
