@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher re-runs this script once per extra rank, so it must be a script.
 Usage: python tests/ddp_worker.py OUT_DIR MODE [CLIPPING]
-(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan | split | settings;
+(MODE: train | noise | sparta | unseeded | unseeded_sparse | views | nan | split | shuffled | settings;
 CLIPPING: DPStrategy's clipping engine, per_sample by default)
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 from lightning_sparta import DPStrategy
 
@@ -30,6 +30,7 @@ class IndexedModule(L.LightningModule):
         self.views = 1
         self.poisoned = False  # sample 5 holds a NaN
         self.split = False  # an unseeded random_split: every rank trains on its own 48 of the 64 samples
+        self.shuffled = False  # a custom dataset that orders its examples at random in each process
         self.indices: list[list[int]] = []
         self.register_buffer("offset", torch.randn(6))
 
@@ -58,7 +59,23 @@ class IndexedModule(L.LightningModule):
         data = TensorDataset(x, y, torch.arange(N))
         if self.split:
             data = random_split(data, [48, 16], generator=torch.Generator().manual_seed(self.global_rank))[0]
+        if self.shuffled:
+            data = _Reordered(data, torch.Generator().manual_seed(self.global_rank))
         return DataLoader(data, batch_size=BATCH, shuffle=True)
+
+
+class _Reordered(Dataset):
+    """A custom dataset whose order is drawn when it is built, as `random.shuffle(self.files)` without a seed
+    does in each process: same type and size on every rank, so only loading examples tells the ranks apart."""
+
+    def __init__(self, data: Dataset, generator: torch.Generator) -> None:
+        self.data, self.order = data, torch.randperm(len(data), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        return self.data[self.order[i]]
 
 
 def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
@@ -76,6 +93,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
     module.views = 3 if mode == "views" else 1
     module.poisoned = mode == "nan"
     module.split = mode == "split"
+    module.shuffled = mode == "shuffled"
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
     rows = module.net[0].rows.clone() if mode == "unseeded_sparse" else None
     callbacks = []
@@ -106,7 +124,7 @@ def main(out: Path, mode: str, clipping: str = "per_sample") -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    if mode in ("split", "settings"):  # expected to be refused on every rank
+    if mode in ("split", "shuffled", "settings"):  # expected to be refused on every rank
         try:
             trainer.fit(module)
         except ValueError as error:

@@ -166,6 +166,17 @@ def test_ranks_with_different_training_sets_are_refused_on_every_rank(tmp_path):
         assert rank["steps"] == 0
 
 
+def test_ranks_whose_custom_dataset_orders_examples_differently_are_refused_on_every_rank(tmp_path):
+    """A custom dataset that draws its order when built (`random.shuffle` of its files without a seed) has
+    the same type and size on both ranks, so the fingerprint matches; the examples loaded at a few indices
+    differ, and both ranks refuse before the first step."""
+    r0, r1 = _run(tmp_path, "shuffled")
+    for rank in (r0, r1):
+        assert "the training set differs across DDP ranks (the examples loaded at 8 evenly spaced" in rank["error"]
+        assert "shuffles its files" in rank["error"]
+        assert rank["steps"] == 0
+
+
 def test_ranks_with_different_privacy_settings_are_refused_on_every_rank(tmp_path):
     """Rank 1 built DPStrategy with twice rank 0's clipping bound: the noise, drawn on rank 0, covers only
     rank 0's bound, so a sample on rank 1 could contribute twice what is accounted. Both ranks refuse it

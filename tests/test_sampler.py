@@ -21,6 +21,7 @@ from lightning_sparta.privacy.sampler import (
     EmptyBatchCollate,
     PoissonBatchSampler,
     batch_size_of,
+    example_summaries,
     split_batch,
     steps_per_epoch,
     training_set_fingerprint,
@@ -423,3 +424,43 @@ def test_training_set_fingerprint_tells_splits_values_and_batch_sizes_apart():
     assert training_set_fingerprint(both, 16) == training_set_fingerprint(ConcatDataset([data(0), data(1)]), 16)
     assert training_set_fingerprint(both, 16) != training_set_fingerprint(ConcatDataset([data(1), data(0)]), 16)
     assert 0 <= training_set_fingerprint(both, 16) < 2**63
+
+
+class _Files(Dataset):
+    """A custom dataset as users write them: a list of "files" in an order fixed at construction, a random
+    augmentation in ``__getitem__`` (torch and NumPy), and a (tensor, label, name) example."""
+
+    def __init__(self, order_seed: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(50, 3, 4, 4, generator=g)
+        self.order = list(range(50))
+        if order_seed is not None:  # `random.shuffle(self.files)` without a seed: each process its own order
+            self.order = torch.randperm(50, generator=torch.Generator().manual_seed(order_seed)).tolist()
+
+    def __len__(self) -> int:
+        return 50
+
+    def __getitem__(self, i: int):
+        j = self.order[i]
+        image = self.images[j] + 0.1 * torch.randn(3, 4, 4) + float(np.random.uniform(-0.1, 0.1))
+        return image, j % 10, f"file_{j}.png"
+
+
+def test_example_summaries_see_the_order_of_a_custom_dataset_not_its_random_augmentation():
+    """What DDP ranks compare beyond the fingerprint (which sees only a custom dataset's type and size):
+    the same files in the same order give the same numbers whatever the generators' states, with the
+    augmentation drawn alike and every generator restored; another order does not."""
+    torch.manual_seed(1)
+    np.random.seed(1)
+    first = example_summaries(_Files())
+    torch.manual_seed(2)
+    np.random.seed(2)
+    state, np_state = torch.get_rng_state(), np.random.get_state()
+    again = example_summaries(_Files())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.random.get_state()[1].tolist() == np_state[1].tolist()
+    assert len(first) == len(again) == 8 * 5
+    assert first == again
+    assert training_set_fingerprint(_Files(), 16) == training_set_fingerprint(_Files(order_seed=1), 16)
+    shuffled = torch.tensor(example_summaries(_Files(order_seed=1)), dtype=torch.float64)
+    assert not torch.allclose(shuffled, torch.tensor(first, dtype=torch.float64), rtol=1e-4, atol=1e-6)

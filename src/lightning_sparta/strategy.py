@@ -73,9 +73,11 @@ from lightning_sparta.privacy.guards import (
 from lightning_sparta.privacy.noise import rewound_seed, secure_normal, step_noise
 from lightning_sparta.privacy.per_sample import PerSampleGradients, sum_of_losses
 from lightning_sparta.privacy.sampler import (
+    SUMMARY_EXAMPLES,
     DPDataLoader,
     PoissonBatchSampler,
     batch_size_of,
+    example_summaries,
     expand_views,
     split_batch,
     training_data,
@@ -472,19 +474,29 @@ class DPStrategy(DDPStrategy):
         The ranks draw one Poisson batch of indices and each keeps a slice: that is one Poisson sample only
         if index ``i`` is the same example on every rank. With a different split per rank (``random_split``
         in ``setup()`` without a fixed generator), an example held at different indices on two ranks can be
-        drawn on both in one step, and ``q`` may differ between ranks.
+        drawn on both in one step, and ``q`` may differ between ranks. Beyond sizes, ``Subset`` indices and
+        ``TensorDataset`` values (:func:`training_set_fingerprint`), the ranks compare a few examples loaded
+        through the dataset (:func:`example_summaries`): a custom dataset that orders its files at random
+        in each process shows only there.
         """
         ranks = self._rows_if_ranks_differ([num_samples, batch_size, training_set_fingerprint(dataset, batch_size)])
-        if ranks is None:
-            return
-        shown = "; ".join(f"rank {i}: n={n}, batch_size={b}, fingerprint {f:016x}" for i, (n, b, f) in enumerate(ranks))
+        if ranks is not None:
+            shown = "; ".join(
+                f"rank {i}: n={n}, batch_size={b}, fingerprint {f:016x}" for i, (n, b, f) in enumerate(ranks)
+            )
+        else:  # what a custom dataset holds is seen only by loading some of it (ranks may differ in float rounding)
+            rows = self._gathered_rows(example_summaries(dataset) if self.world_size > 1 else [])
+            if rows is None or all(torch.allclose(row, rows[0], rtol=1e-4, atol=1e-6) for row in rows):
+                return
+            shown = f"the examples loaded at {SUMMARY_EXAMPLES} evenly spaced indices differ"
         raise ValueError(
             f"DPStrategy: the training set differs across DDP ranks ({shown}). Every rank must hold the same "
             "examples in the same order: the strategy draws one Poisson batch of indices and gives each rank a "
             "slice, so an example held at different indices on two ranks could be drawn on both in one step "
             "(twice its clipped contribution) and each rank would sample at its own rate. The usual cause is a "
             "random split made in `setup()` without a fixed generator: pass "
-            "`generator=torch.Generator().manual_seed(0)` to `random_split`, or split once before the ranks start."
+            "`generator=torch.Generator().manual_seed(0)` to `random_split`, or split once before the ranks start; "
+            "or a dataset that lists or shuffles its files in an order of its own in each process."
         )
 
     def _rows_if_ranks_differ(self, values: list[int] | list[float]) -> list[list] | None:
@@ -492,12 +504,19 @@ class DPStrategy(DDPStrategy):
 
         A collective: every rank calls it at the same point, so every rank can raise and none waits.
         """
+        rows = self._gathered_rows(values)
+        if rows is None:
+            return None
+        ranks = rows.tolist()
+        return None if all(r == ranks[0] for r in ranks) else ranks
+
+    def _gathered_rows(self, values: list[int] | list[float]) -> torch.Tensor | None:
+        """Every rank's ``values``, ``[ranks, len(values)]``; ``None`` in one process. A collective."""
         if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return None
         dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
         mine = torch.tensor(values, dtype=dtype, device=self.root_device)
-        ranks = self.all_gather(mine).view(-1, len(values)).tolist()
-        return None if all(r == ranks[0] for r in ranks) else ranks
+        return self.all_gather(mine).view(-1, len(values)).cpu()
 
     def _check_same_privacy_settings(self) -> None:
         """Refuse DDP ranks built with different privacy settings (a config read per rank, say).

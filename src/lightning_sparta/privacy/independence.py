@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,29 +36,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_sparta.privacy.per_sample import PerSampleGradients, has_grad_sample, sum_of_losses
 from lightning_sparta.privacy.sampler import batch_size_of, map_batch
+from lightning_sparta.privacy.sampler import restored_randomness as _same_randomness
 
 
 class SampleCouplingError(ValueError):
     """Raised by :func:`check_sample_independence` when a sample's gradient depends on another sample."""
-
-
-@contextmanager
-def _same_randomness() -> Iterator[None]:
-    """Restore every random generator when the block ends."""
-    states = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        random.getstate(),
-        np.random.get_state(),
-    )
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        if states[1] is not None:
-            torch.cuda.set_rng_state_all(states[1])
-        random.setstate(states[2])
-        np.random.set_state(states[3])
 
 
 def _replaced(batch: Any, size: int, target: int, source: int) -> Any:

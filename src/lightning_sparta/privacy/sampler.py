@@ -14,7 +14,9 @@ batch from a generator keyed by ``(seed, epoch, step)``, so
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -337,6 +339,80 @@ def training_set_fingerprint(dataset: Dataset, batch_size: int) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1  # fits an int64
 
 
+@contextmanager
+def restored_randomness() -> Iterator[None]:
+    """Restore every random generator (torch's, CUDA's, ``random``'s and NumPy's) when the block ends."""
+    states = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        random.getstate(),
+        np.random.get_state(),
+    )
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            torch.cuda.set_rng_state_all(states[1])
+        random.setstate(states[2])
+        np.random.set_state(states[3])
+
+
+SUMMARY_EXAMPLES = 8  # examples loaded by `example_summaries`
+_SUMMARY_STATS = 5  # numbers per example
+
+
+def example_summaries(dataset: Dataset, count: int = SUMMARY_EXAMPLES) -> list[float]:
+    """Five numbers for each of ``count`` evenly spaced examples of ``dataset``, loaded as training loads them.
+
+    For example ``i`` (``dataset[i]``, its transforms included), over every number it holds (tensors,
+    arrays, images, labels; a string as a hash): how many, their sum, sum of squares and sum of absolute
+    values, and a sum weighted by position (which a reordering inside the example changes). Random
+    transforms draw from generators seeded alike (and restored afterwards), so two processes holding the
+    same examples in the same order get the same numbers up to float rounding, and a different example at
+    an index changes them. :class:`~lightning_sparta.DPStrategy` compares them across DDP ranks, with a
+    tolerance, since the ranks may run on different CPUs.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    indices = sorted({round(k * (n - 1) / max(1, count - 1)) for k in range(count)}) if n else []
+    out: list[float] = []
+    with restored_randomness():
+        for i in indices:
+            torch.manual_seed(i)
+            random.seed(i)
+            np.random.seed(i)
+            values = torch.cat([v.reshape(-1) for v in _numbers(dataset[i])] or [torch.zeros(0, dtype=torch.float64)])
+            weights = torch.arange(values.numel(), dtype=torch.float64) % 7 + 1
+            out += [
+                float(values.numel()),
+                float(values.sum()),
+                float(values.square().sum()),
+                float(values.abs().sum()),
+                float((values * weights).sum()),
+            ]
+    return out + [0.0] * (_SUMMARY_STATS * count - len(out))
+
+
+def _numbers(value: Any) -> list[torch.Tensor]:
+    """Every number in a loaded example, as float64 tensors (a string or bytes as a stable hash)."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach().to("cpu", torch.float64)]
+    if isinstance(value, np.ndarray) or type(value).__module__.startswith("PIL."):
+        array = np.asarray(value)
+        return [torch.from_numpy(array.astype(np.float64))] if array.dtype.kind in "biuf" else []
+    if isinstance(value, bool | int | float):
+        return [torch.tensor([float(value)], dtype=torch.float64)]
+    if isinstance(value, str | bytes):
+        raw = value.encode() if isinstance(value, str) else value
+        digest = hashlib.blake2b(raw, digest_size=6).digest()
+        return [torch.tensor([float(int.from_bytes(digest, "little"))], dtype=torch.float64)]
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in _numbers(key) + _numbers(value[key])]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _numbers(item)]
+    return []
+
+
 def training_data(dataloader: object) -> tuple[DataLoader, int, int]:
     """``(loader, n, expected batch size)`` of the user's training loader, or an error saying what to change.
 
@@ -451,8 +527,10 @@ __all__ = [
     "PoissonBatchSampler",
     "batch_size_of",
     "check_no_repeated_examples",
+    "example_summaries",
     "expected_batch_size",
     "map_batch",
+    "restored_randomness",
     "split_batch",
     "steps_per_epoch",
     "training_data",
