@@ -154,6 +154,37 @@ def _hand_epsilon(accountant: str, sigma: float, q: float, steps: int, delta: fl
     return float(acc.get_epsilon(delta=delta))
 
 
+class _ShrinkingModule(TinyModule):
+    """A training set reloaded every epoch with fewer samples (120, 80, then 40): q grows from 10/120 to 10/40."""
+
+    def __init__(self) -> None:
+        super().__init__(dataset=_data(n=120), batch_size=10)
+
+    def train_dataloader(self):
+        n = 120 - 40 * self.current_epoch
+        x, y = self.dataset.tensors
+        return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=self.batch_size, shuffle=True)
+
+
+def test_target_epsilon_holds_when_a_reloaded_training_set_changes_the_sample_rate():
+    """σ calibrated at fit start for q = 1/12 and 36 steps; the reloads raise q to 1/8 and 1/4. Without a new
+    calibration the run ended at ε = 2.86 for target_epsilon = 2. ε of the history is recomputed by hand
+    with Opacus' RDP functions, composing the three rates."""
+    L.seed_everything(0)
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    with pytest.warns(UserWarning, match=r"holds 80 samples instead of 120 .* calibrated again"):
+        _trainer(strategy, max_epochs=3, reload_dataloaders_every_n_epochs=1).fit(_ShrinkingModule())
+    history = strategy.accountant.history
+    assert [q for _, q, _ in history] == [10 / 120, 10 / 80, 10 / 40]
+    assert [steps for _, _, steps in history] == [12, 8, 4]
+    assert history[0][0] < history[1][0] < history[2][0]  # more noise for the steps at higher rates
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders) for sigma, q, steps in history)
+    by_hand = float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0])
+    assert 2.0 - strategy.epsilon_tolerance <= by_hand <= 2.0
+    assert strategy.epsilon() == pytest.approx(by_hand, rel=1e-9)
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
 def test_epsilon_after_run_matches_accountant_by_hand(accountant):
     L.seed_everything(2)

@@ -262,6 +262,7 @@ class DPStrategy(DDPStrategy):
         self._step_optimizer = False  # whether the release gave the optimizer a gradient to step with
         self._warned_local_reduce = False
         self._noise_buffer: torch.Tensor | None = None  # each step's N(0, 1) draws (see _standard_noise)
+        self._calibrated_for: tuple[float, int] | None = None  # (q, n) of the calibrated σ, see on_train_start
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
         if privacy_state is not None:
             self.load_privacy_state(privacy_state)
@@ -664,8 +665,53 @@ class DPStrategy(DDPStrategy):
                         f"σ = {self._noise_multiplier:.4f} and the run ends at ε = {self.epsilon_after(steps):.4f}. "
                         "Raise `target_epsilon` to the total you accept to train them with less noise."
                     )
+        # the rate σ holds for: a reloaded training set of another size gets σ recalibrated (on_train_batch_start)
+        self._calibrated_for = (self.sample_rate, self.num_samples) if self.target_epsilon is not None else None
         self._refresh_hooks()
         self._report_paths(trainer)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._calibrated_for is not None and self.sample_rate != self._calibrated_for[0]:
+            self._recalibrate_for_new_training_set()
+
+    def _recalibrate_for_new_training_set(self) -> None:
+        """Keep ``target_epsilon`` when a reloaded training loader changed the sample rate mid-fit.
+
+        σ was calibrated for the rate at fit start; with ``reload_dataloaders_every_n_epochs`` a training
+        set of another size (a curriculum, a dataset that drops examples) changes ``q`` and the number of
+        steps left, and the run would end above its target. The steps already taken stay accounted at
+        their own rate; σ is calibrated again for the steps left at the new one.
+        """
+        trainer = self.lightning_module.trainer
+        (old_rate, old_n), old_sigma = self._calibrated_for, self._noise_multiplier
+        steps = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
+        self._calibrated_for = (self.sample_rate, self.num_samples)
+        if steps <= 0:
+            return
+        change = (
+            f"the reloaded training set holds {self.num_samples} samples instead of {old_n} (sample rate "
+            f"{old_rate:.4g} → {self.sample_rate:.4g})"
+        )
+        try:
+            sigma = calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.target_delta,
+                self.sample_rate,
+                steps,
+                self.accountant_name,
+                self.epsilon_tolerance,
+                history=self.accountant.history,
+            )
+        except ValueError as error:
+            raise ValueError(f"DPStrategy: {change}, and σ cannot be calibrated again for it: {error}") from error
+        self._noise_multiplier = float(self.broadcast(sigma))
+        rank_zero_user_warn(
+            f"DPStrategy: {change}; σ = {old_sigma:.4f} was calibrated for the old rate, so it is calibrated "
+            f"again: the {steps} steps left get σ = {self._noise_multiplier:.4f} and the run ends at "
+            f"ε = {self.epsilon_after(steps):.4f} (target_epsilon={self.target_epsilon:g})."
+        )
 
     def _report_paths(self, trainer: pl.Trainer) -> None:
         """A compact per-sample path summary on the console; the full table in the log directory and at DEBUG."""
