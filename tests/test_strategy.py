@@ -185,6 +185,39 @@ def test_target_epsilon_holds_when_a_reloaded_training_set_changes_the_sample_ra
     assert strategy.epsilon() == pytest.approx(by_hand, rel=1e-9)
 
 
+class _ExtendRun(L.Callback):
+    """Raises `max_epochs` from 3 to 5 at the end of the second epoch, after σ was calibrated for 3."""
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 1:
+            trainer.fit_loop.max_epochs = 5
+
+
+@pytest.mark.parametrize("min_epochs", [None, 5])
+def test_target_epsilon_stops_a_run_whose_limits_grew_during_the_fit(min_epochs):
+    """σ is calibrated for 3 epochs of 4 steps; a callback asks for 5 epochs. Before, the run took 20 steps
+    and ended at ε = 2.58 for target_epsilon = 2. It now stops after the 12 steps of its plan, even with
+    `min_epochs=5` (given back afterwards), and ε is checked by hand."""
+    L.seed_everything(0)
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    trainer = _trainer(strategy, max_epochs=3, min_epochs=min_epochs, callbacks=[_ExtendRun()])
+    with pytest.warns(UserWarning, match=r"stopped after step 12 at ε = .* would exceed target_epsilon=2"):
+        trainer.fit(TinyModule(batch_size=6))
+    assert strategy.steps == 12
+    sigma = strategy.noise_multiplier
+    assert _hand_epsilon("rdp", sigma, 0.25, 12, 1e-3) <= 2.0 < _hand_epsilon("rdp", sigma, 0.25, 13, 1e-3)
+    assert trainer.fit_loop.min_epochs == (min_epochs or 0)  # Lightning keeps an unset one as 0
+
+
+def test_a_run_that_ends_as_planned_does_not_warn_about_its_target():
+    L.seed_everything(0)
+    strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="DPStrategy: stopped")
+        _trainer(strategy, max_epochs=3).fit(TinyModule(batch_size=6))
+    assert strategy.steps == 12
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
 def test_epsilon_after_run_matches_accountant_by_hand(accountant):
     L.seed_everything(2)

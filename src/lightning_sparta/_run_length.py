@@ -62,3 +62,27 @@ def planned_steps(trainer: pl.Trainer, done_epochs: int = 0, done_steps: int = 0
     step_limit = max_steps - done_steps if max_steps != -1 else None
     candidates = [s for s in (epoch_steps, step_limit) if s is not None]
     return max(0, min(candidates))
+
+
+def lift_unmet_minimums(trainer: pl.Trainer) -> tuple[list[str], tuple[int | None, int | None] | None]:
+    """Make Lightning honour ``should_stop`` although ``min_epochs``/``min_steps`` are not met.
+
+    Lightning's loops (``FitLoop.done``, ``_TrainingEpochLoop.done``) only stop on ``should_stop`` when
+    ``epoch_progress.current.processed >= min_epochs`` and ``global_step >= min_steps``; both limits are
+    read from the loops at every check, so clearing them lets the very next check stop the run.
+
+    Returns:
+        The unmet minimums as text, and their values to restore at teardown (``None`` if none was unmet).
+    """
+    fit_loop = trainer.fit_loop
+    min_epochs, min_steps = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
+    unmet = []
+    if min_epochs and fit_loop.epoch_progress.current.processed < min_epochs:
+        unmet.append(f"`min_epochs={min_epochs}`")
+    if min_steps and fit_loop.epoch_loop.global_step < min_steps:
+        unmet.append(f"`min_steps={min_steps}`")
+    if not unmet:
+        return [], None
+    fit_loop.min_epochs = None
+    fit_loop.epoch_loop.min_steps = None
+    return unmet, (min_epochs, min_steps)

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten, warn
 from lightning_sparta._malloc import keep_freed_memory, release_freed_memory, why_not_tuned
-from lightning_sparta._run_length import note_max_epochs, planned_steps
+from lightning_sparta._run_length import lift_unmet_minimums, note_max_epochs, planned_steps
 from lightning_sparta.privacy.accountant import (
     ACCOUNTANT_NAMES,
     AccountantName,
@@ -263,6 +263,9 @@ class DPStrategy(DDPStrategy):
         self._warned_local_reduce = False
         self._noise_buffer: torch.Tensor | None = None  # each step's N(0, 1) draws (see _standard_noise)
         self._calibrated_for: tuple[float, int] | None = None  # (q, n) of the calibrated σ, see on_train_start
+        self._planned_end: int | None = None  # under target_epsilon: the accounted step σ was calibrated to end at
+        self._stopped_at_target = False
+        self._saved_minimums: tuple[int | None, int | None] | None = None  # lowered to stop at target_epsilon
         self._clipped_sum_hooks: list[tuple[Callable[[list[nn.Parameter], list[torch.Tensor]], None], bool]] = []
         if privacy_state is not None:
             self.load_privacy_state(privacy_state)
@@ -667,6 +670,11 @@ class DPStrategy(DDPStrategy):
                     )
         # the rate σ holds for: a reloaded training set of another size gets σ recalibrated (on_train_batch_start)
         self._calibrated_for = (self.sample_rate, self.num_samples) if self.target_epsilon is not None else None
+        self._stopped_at_target = False
+        self._planned_end = None
+        if self.target_epsilon is not None:
+            left = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
+            self._planned_end = self.steps + left
         self._refresh_hooks()
         self._report_paths(trainer)
 
@@ -675,6 +683,44 @@ class DPStrategy(DDPStrategy):
         super().on_train_batch_start(batch, batch_idx)
         if self._calibrated_for is not None and self.sample_rate != self._calibrated_for[0]:
             self._recalibrate_for_new_training_set()
+        if self._stopped_at_target and self.epsilon_after(1) > self.target_epsilon:
+            raise RuntimeError(
+                f"DPStrategy: step {self.steps + 1} would bring ε to {self.epsilon_after(1):.4f} > "
+                f"target_epsilon={self.target_epsilon:g}, and the Trainer went on after the strategy asked it to "
+                "stop (`trainer.should_stop` reset?). No step beyond the target is taken."
+            )
+
+    def _stop_if_next_step_exceeds_target(self) -> None:
+        """Past the step σ was calibrated to end at, ask the Trainer to stop if one more would exceed the target.
+
+        The plan can grow during a fit (a callback raising ``trainer.fit_loop.max_epochs``); the steps beyond
+        it would spend more than ``target_epsilon``. ``min_epochs``/``min_steps`` do not hold the stop back.
+        """
+        if self.epsilon_after(1) <= self.target_epsilon:
+            return
+        trainer = self.lightning_module.trainer
+        trainer.should_stop = True
+        self._stopped_at_target = True
+        unmet, saved = lift_unmet_minimums(trainer)
+        if unmet and self._saved_minimums is None:
+            self._saved_minimums = saved
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        trainer = self.lightning_module.trainer
+        fit_loop = trainer.fit_loop
+        epochs_left = fit_loop.max_epochs not in (None, -1) and fit_loop.epoch_progress.current.processed < (
+            fit_loop.max_epochs
+        )
+        steps_left = fit_loop.max_steps == -1 or trainer.global_step < fit_loop.max_steps
+        if self._stopped_at_target and epochs_left and steps_left:
+            rank_zero_user_warn(
+                f"DPStrategy: stopped after step {self.steps} at ε = {self.epsilon():.4f}: one more step would "
+                f"exceed target_epsilon={self.target_epsilon:g}. σ was calibrated for the run planned at fit start; "
+                "the Trainer's limits grew during the fit. Fit again with a larger `target_epsilon` (it bounds the "
+                "whole history) to train further."
+            )
 
     def _recalibrate_for_new_training_set(self) -> None:
         """Keep ``target_epsilon`` when a reloaded training loader changed the sample rate mid-fit.
@@ -707,6 +753,7 @@ class DPStrategy(DDPStrategy):
         except ValueError as error:
             raise ValueError(f"DPStrategy: {change}, and σ cannot be calibrated again for it: {error}") from error
         self._noise_multiplier = float(self.broadcast(sigma))
+        self._planned_end = self.steps + steps
         rank_zero_user_warn(
             f"DPStrategy: {change}; σ = {old_sigma:.4f} was calibrated for the old rate, so it is calibrated "
             f"again: the {steps} steps left get σ = {self._noise_multiplier:.4f} and the run ends at "
@@ -870,6 +917,8 @@ class DPStrategy(DDPStrategy):
             self.precision_plugin._after_closure(model, optimizer)  # on_before_optimizer_step hooks
             optimizer.step(**kwargs)
         self.accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self.sample_rate)
+        if self._planned_end is not None and self.steps >= self._planned_end:
+            self._stop_if_next_step_exceeds_target()
         return closure_result
 
     @override
@@ -1239,6 +1288,11 @@ class DPStrategy(DDPStrategy):
             self._frozen_batchnorm.remove()
             self._frozen_batchnorm = None
         self._attached_params = None
+        if self._saved_minimums is not None:  # give the Trainer back the minimums lowered to stop at the target
+            trainer = self.lightning_module.trainer if self._lightning_module is not None else None
+            if trainer is not None:
+                trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+            self._saved_minimums = None
         if self._malloc_tuned:
             release_freed_memory()
             self._malloc_tuned = False

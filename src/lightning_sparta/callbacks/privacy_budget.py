@@ -13,6 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_sparta._logging import get_logger, info, rank_zero_user_warn
+from lightning_sparta._run_length import lift_unmet_minimums
 from lightning_sparta.privacy.accountant import validate_delta
 from lightning_sparta.strategy import DPStrategy
 
@@ -181,27 +182,12 @@ class PrivacyBudgetCallback(Callback):
         self._lift_unmet_minimums(trainer)
 
     def _lift_unmet_minimums(self, trainer: pl.Trainer) -> None:
-        """Make Lightning honour ``should_stop`` although ``min_epochs``/``min_steps`` are not met.
-
-        Lightning's loops (``FitLoop.done``, ``_TrainingEpochLoop.done``) only stop on ``should_stop``
-        when ``FitLoop._can_stop_early`` holds, i.e. ``epoch_progress.current.processed >= min_epochs``
-        and ``global_step >= min_steps``; both limits are read from the loops at every check, so
-        clearing them here lets the very next check stop the run. The values are restored in
-        :meth:`teardown`.
-        """
-        fit_loop = trainer.fit_loop
-        min_epochs, min_steps = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
-        unmet = []
-        if min_epochs and fit_loop.epoch_progress.current.processed < min_epochs:
-            unmet.append(f"`min_epochs={min_epochs}`")
-        if min_steps and fit_loop.epoch_loop.global_step < min_steps:
-            unmet.append(f"`min_steps={min_steps}`")
+        """Let the stop through ``min_epochs``/``min_steps`` (restored in :meth:`teardown`)."""
+        unmet, saved = lift_unmet_minimums(trainer)
         if not unmet:
             return
         if self._saved_minimums is None:
-            self._saved_minimums = (min_epochs, min_steps)
-        fit_loop.min_epochs = None
-        fit_loop.epoch_loop.min_steps = None
+            self._saved_minimums = saved
         rank_zero_user_warn(
             f"PrivacyBudgetCallback: the Trainer's {' and '.join(unmet)} not met, but stop_at_epsilon="
             f"{self.stop_at_epsilon} takes precedence: training stops now."
