@@ -22,7 +22,7 @@ from lightning_sparta import DPStrategy, PrivacyBudgetCallback, SpartaMaskCallba
 from lightning_sparta.privacy import epsilon_for
 from lightning_sparta.sparse.selectors import MaskSelector, get_selector, top_rows
 from test_sparta import _fit
-from test_strategy import TinyModule, _trainer
+from test_strategy import TinyModule, _data, _trainer
 
 # TinyModule: 24 samples, batch 6 -> q = 1/4, four Poisson steps per epoch. With σ = 1, δ = 1e-3 and the
 # RDP accountant, ε stays within 6.0 for exactly 17 steps (4.25 epochs).
@@ -221,3 +221,41 @@ def test_epsilon_is_current_when_validation_decides(tmp_path):
     assert len(seen) == 2
     for logged, exact in seen:
         assert logged == exact
+
+
+class _ShrinkingAfterFirstEpoch(TinyModule):
+    """120 samples in the first epoch, 20 in every reloaded one after: q goes from 10/120 to 1/2."""
+
+    def __init__(self) -> None:
+        super().__init__(dataset=_data(n=120), batch_size=10)
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        n = 120 if self.current_epoch == 0 else 20
+        x, y = self.dataset.tensors
+        return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=self.batch_size, shuffle=True)
+
+
+def test_stop_at_epsilon_holds_when_a_reloaded_training_set_raises_the_sample_rate():
+    """The number of steps the budget allows was counted once, at q = 1/12, and kept: after the reload to
+    q = 1/2 the run went on to ε = 15.3 for stop_at_epsilon = 3. It is counted again when q (or σ)
+    changes; ε of the history and of one more step at the new rate are recomputed by hand (RDP)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    torch.manual_seed(0)
+    strategy = DPStrategy(noise_multiplier=1.0, target_delta=1e-3, accountant="rdp")
+    callback = PrivacyBudgetCallback(stop_at_epsilon=3.0)
+    with pytest.warns(UserWarning, match="stopping before step"):
+        _trainer(strategy, max_epochs=30, reload_dataloaders_every_n_epochs=1, callbacks=[callback]).fit(
+            _ShrinkingAfterFirstEpoch()
+        )
+    assert callback.stopped_early
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+    def by_hand(history) -> float:
+        rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders) for sigma, q, steps in history)
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0])
+
+    history = strategy.accountant.history
+    assert by_hand(history) <= 3.0 < by_hand([*history, (1.0, 0.5, 1)])

@@ -101,6 +101,7 @@ class PrivacyBudgetCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.stopped_early = False
         self._allowed_steps: int | None = None
+        self._allowed_for: tuple[float | None, float | None] | None = None  # the (σ, q) the count was made for
         self._minimums_checked = False
         self._saved_minimums: tuple[int | None, int | None] | None = None  # (min_epochs, min_steps) lowered
         self._last_cost = 0.0  # seconds the last ε evaluation that missed the cache took
@@ -154,6 +155,7 @@ class PrivacyBudgetCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._allowed_steps = None  # σ is resolved after the callbacks' on_train_start
+        self._allowed_for = None
         self._minimums_checked = False
         self.stopped_early = False
         self._last_cost, self._last_publish = 0.0, None
@@ -242,10 +244,16 @@ class PrivacyBudgetCallback(Callback):
         self._stop_if_next_step_exceeds(trainer)
 
     def _budget_steps(self, strategy: DPStrategy) -> int:
-        """Total number of private steps whose ε stays within ``stop_at_epsilon`` (bisection, cached)."""
-        if self._allowed_steps is not None:
+        """Total number of private steps whose ε stays within ``stop_at_epsilon`` (bisection, cached).
+
+        The count assumes the next steps at the current σ and sampling rate: it is computed again when
+        either changes (a reloaded training set of another size, σ calibrated again).
+        """
+        plan = (strategy.noise_multiplier, strategy.sample_rate)
+        if self._allowed_steps is not None and self._allowed_for == plan:
             return self._allowed_steps
         assert self.stop_at_epsilon is not None
+        self._allowed_for = plan
         done = strategy.steps
         if strategy.epsilon_after(1, self.delta) > self.stop_at_epsilon:
             self._allowed_steps = done
