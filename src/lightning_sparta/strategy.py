@@ -649,16 +649,7 @@ class DPStrategy(DDPStrategy):
             # target_epsilon bounds them together with the history (an earlier fit, a privacy_state)
             steps = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
             if steps > 0:
-                sigma = calibrate_noise_multiplier(
-                    self.target_epsilon,
-                    self.target_delta,
-                    self.sample_rate,
-                    steps,
-                    self.accountant_name,
-                    self.epsilon_tolerance,
-                    history=self.accountant.history,
-                )
-                self._noise_multiplier = float(self.broadcast(sigma))
+                self._calibrate(steps)
                 info(_log, self._calibration_banner(steps))
                 if self.steps:
                     spent = epsilon_for(self.accountant.history, self.target_delta, self.accountant_name)
@@ -722,6 +713,19 @@ class DPStrategy(DDPStrategy):
                 "whole history) to train further."
             )
 
+    def _calibrate(self, steps: int) -> None:
+        """σ for ``steps`` more steps at the current rate, so that the history then ends at ``target_epsilon``."""
+        sigma = calibrate_noise_multiplier(
+            self.target_epsilon,
+            self.target_delta,
+            self.sample_rate,
+            steps,
+            self.accountant_name,
+            self.epsilon_tolerance,
+            history=self.accountant.history,
+        )
+        self._noise_multiplier = float(self.broadcast(sigma))
+
     def _recalibrate_for_new_training_set(self) -> None:
         """Keep ``target_epsilon`` when a reloaded training loader changed the sample rate mid-fit.
 
@@ -741,18 +745,9 @@ class DPStrategy(DDPStrategy):
             f"{old_rate:.4g} → {self.sample_rate:.4g})"
         )
         try:
-            sigma = calibrate_noise_multiplier(
-                self.target_epsilon,
-                self.target_delta,
-                self.sample_rate,
-                steps,
-                self.accountant_name,
-                self.epsilon_tolerance,
-                history=self.accountant.history,
-            )
+            self._calibrate(steps)
         except ValueError as error:
             raise ValueError(f"DPStrategy: {change}, and σ cannot be calibrated again for it: {error}") from error
-        self._noise_multiplier = float(self.broadcast(sigma))
         self._planned_end = self.steps + steps
         rank_zero_user_warn(
             f"DPStrategy: {change}; σ = {old_sigma:.4f} was calibrated for the old rate, so it is calibrated "
