@@ -186,21 +186,28 @@ def test_target_epsilon_holds_when_a_reloaded_training_set_changes_the_sample_ra
 
 
 class _ExtendRun(L.Callback):
-    """Raises `max_epochs` from 3 to 5 at the end of the second epoch, after σ was calibrated for 3."""
+    """At the end of the second epoch, raises `max_epochs` from 3 to 5 (or `max_steps` from 12 to 20), after
+    σ was calibrated for 12 steps."""
+
+    def __init__(self, limit: str = "max_epochs") -> None:
+        self.limit = limit
 
     def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch == 1:
+        if trainer.current_epoch == 1 and self.limit == "max_epochs":
             trainer.fit_loop.max_epochs = 5
+        elif trainer.current_epoch == 1:
+            trainer.fit_loop.epoch_loop.max_steps = 20
 
 
-@pytest.mark.parametrize("min_epochs", [None, 5])
-def test_target_epsilon_stops_a_run_whose_limits_grew_during_the_fit(min_epochs):
-    """σ is calibrated for 3 epochs of 4 steps; a callback asks for 5 epochs. Before, the run took 20 steps
-    and ended at ε = 2.58 for target_epsilon = 2. It now stops after the 12 steps of its plan, even with
-    `min_epochs=5` (given back afterwards), and ε is checked by hand."""
+@pytest.mark.parametrize(("limit", "min_epochs"), [("max_epochs", None), ("max_epochs", 5), ("max_steps", None)])
+def test_target_epsilon_stops_a_run_whose_limits_grew_during_the_fit(limit, min_epochs):
+    """σ is calibrated for 12 steps (3 epochs of 4); a callback asks for 5 epochs, or 20 steps. Before, the
+    run took 20 steps and ended at ε = 2.58 for target_epsilon = 2. It now stops after the 12 steps of its
+    plan, even with `min_epochs=5` (given back afterwards), and ε is checked by hand."""
     L.seed_everything(0)
     strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
-    trainer = _trainer(strategy, max_epochs=3, min_epochs=min_epochs, callbacks=[_ExtendRun()])
+    limits = {"max_epochs": 3} if limit == "max_epochs" else {"max_epochs": -1, "max_steps": 12}
+    trainer = _trainer(strategy, **limits, min_epochs=min_epochs, callbacks=[_ExtendRun(limit)])
     with pytest.warns(UserWarning, match=r"stopped after step 12 at ε = .* would exceed target_epsilon=2"):
         trainer.fit(TinyModule(batch_size=6))
     assert strategy.steps == 12

@@ -701,11 +701,11 @@ class DPStrategy(DDPStrategy):
         super().on_train_end()
         trainer = self.lightning_module.trainer
         fit_loop = trainer.fit_loop
-        epochs_left = fit_loop.max_epochs not in (None, -1) and fit_loop.epoch_progress.current.processed < (
-            fit_loop.max_epochs
+        epochs_done = fit_loop.max_epochs not in (None, -1) and (
+            fit_loop.epoch_progress.current.processed >= fit_loop.max_epochs
         )
-        steps_left = fit_loop.max_steps == -1 or trainer.global_step < fit_loop.max_steps
-        if self._stopped_at_target and epochs_left and steps_left:
+        steps_done = fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps
+        if self._stopped_at_target and not epochs_done and not steps_done:
             rank_zero_user_warn(
                 f"DPStrategy: stopped after step {self.steps} at ε = {self.epsilon():.4f}: one more step would "
                 f"exceed target_epsilon={self.target_epsilon:g}. σ was calibrated for the run planned at fit start; "
