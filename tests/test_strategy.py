@@ -540,8 +540,9 @@ def test_one_process_keeps_the_users_thread_count(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_resuming_a_longer_run_warns_that_the_target_epsilon_will_be_exceeded(tmp_path):
-    """σ comes from the checkpoint; a resumed run with more epochs would silently overshoot the target."""
+def test_resuming_a_longer_run_stops_at_the_target_epsilon(tmp_path):
+    """σ comes from the checkpoint; a resumed run with more epochs silently overshot the target, then (until
+    2026-12-04) overshot it with a warning. It now warns and stops after the last step within the target."""
 
     def run(max_epochs, ckpt_path=None):
         strategy = DPStrategy(target_epsilon=2.0, target_delta=1e-3, seed=3, accountant="rdp")
@@ -559,9 +560,15 @@ def test_resuming_a_longer_run_warns_that_the_target_epsilon_will_be_exceeded(tm
         same = run(max_epochs=2, ckpt_path=checkpoint)  # the original plan: no warning
     assert same.epsilon() == pytest.approx(first.epsilon(), rel=1e-9)
     longer_eps = first.epsilon_after(4)  # two epochs of 4 steps done, one more planned
-    with pytest.warns(UserWarning, match=rf"will end at ε = {longer_eps:.3f} > target_epsilon=2.0"):
+    with pytest.warns(UserWarning, match=rf"would end at ε = {longer_eps:.3f} > target_epsilon=2, so it stops after"):
         longer = run(max_epochs=3, ckpt_path=checkpoint)
-    assert longer.epsilon() == pytest.approx(longer_eps, rel=1e-9)
+    sigma = longer.noise_multiplier
+    assert longer.steps >= 8  # the original plan fits
+    assert (
+        _hand_epsilon("rdp", sigma, 0.25, longer.steps, 1e-3)
+        <= 2.0
+        < _hand_epsilon("rdp", sigma, 0.25, longer.steps + 1, 1e-3)
+    )
 
 
 _OTHER_SHAPES = {

@@ -639,11 +639,12 @@ class DPStrategy(DDPStrategy):
                 "them instead; every step is accounted either way."
             )
         state, self._pending_state = self._pending_state, None
+        resumed_end = None
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
             self.accountant.history = [tuple(h) for h in state["history"]]
             self._non_private_reason = state.get("non_private_reason")
-            self._check_resumed_plan(trainer)
+            resumed_end = self._check_resumed_plan(trainer)
         elif self.target_epsilon is not None:
             # a second fit with the same Trainer continues its loops: only the steps left are taken, and
             # target_epsilon bounds them together with the history (an earlier fit, a privacy_state)
@@ -663,7 +664,9 @@ class DPStrategy(DDPStrategy):
         self._calibrated_for = (self.sample_rate, self.num_samples) if self.target_epsilon is not None else None
         self._stopped_at_target = False
         self._planned_end = None
-        if self.target_epsilon is not None:
+        if resumed_end is not None:
+            self._planned_end = resumed_end
+        elif self.target_epsilon is not None:
             left = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
             self._planned_end = self.steps + left
         self._refresh_hooks()
@@ -708,9 +711,9 @@ class DPStrategy(DDPStrategy):
         if self._stopped_at_target and not epochs_done and not steps_done:
             rank_zero_user_warn(
                 f"DPStrategy: stopped after step {self.steps} at ε = {self.epsilon():.4f}: one more step would "
-                f"exceed target_epsilon={self.target_epsilon:g}. σ was calibrated for the run planned at fit start; "
-                "the Trainer's limits grew during the fit. Fit again with a larger `target_epsilon` (it bounds the "
-                "whole history) to train further."
+                f"exceed target_epsilon={self.target_epsilon:g}. The Trainer's limits asked for more steps than σ "
+                "was calibrated for (raised during the fit, or on resume). Fit again with a larger `target_epsilon` "
+                "(it bounds the whole history) to train further."
             )
 
     def _calibrate(self, steps: int) -> None:
@@ -780,19 +783,38 @@ class DPStrategy(DDPStrategy):
             f"ε = {reached:.4f} at δ = {self.target_delta:g} ({self.accountant_name})."
         )
 
-    def _check_resumed_plan(self, trainer: pl.Trainer) -> None:
-        """Warn when a resumed run, longer than the one σ was calibrated for, will overshoot its target ε."""
+    def _check_resumed_plan(self, trainer: pl.Trainer) -> int | None:
+        """The accounted step a resumed run must stop at to keep ``target_epsilon``, if it plans more.
+
+        σ comes from the checkpoint, calibrated for the original run; a resumed run given more epochs or
+        steps would end above the target. It is told, and stops after the last step within it.
+
+        Raises:
+            ValueError: if not one more step fits in the target.
+        """
         if self.target_epsilon is None or self._non_private_reason is not None:
-            return
+            return None
         remaining = max(0, planned_steps(trainer) - self.steps)
         final = self.epsilon_after(remaining)
-        if final > self.target_epsilon * (1 + 1e-6):
-            rank_zero_user_warn(
-                f"DPStrategy: σ = {self._noise_multiplier:.4f} comes from the checkpoint, calibrated for a shorter "
-                f"run; the resumed run's {remaining} remaining steps will end at ε = {final:.3f} > target_epsilon="
-                f"{self.target_epsilon}. Resume with the original max_epochs/max_steps, or stop in time with "
-                f"PrivacyBudgetCallback(stop_at_epsilon={self.target_epsilon})."
+        if final <= self.target_epsilon * (1 + 1e-6):
+            return None
+        low, high = 0, remaining  # ε after `low` more steps is within the target, after `high` it is not
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self.epsilon_after(mid) <= self.target_epsilon else (low, mid)
+        if low == 0:
+            raise ValueError(
+                f"DPStrategy: the checkpoint's {self.steps} steps reach ε = {self.epsilon():.4f}, and one more step "
+                f"would exceed target_epsilon={self.target_epsilon:g}: the resumed run's {remaining} remaining steps "
+                "cannot be taken. Raise `target_epsilon` to the total you accept."
             )
+        rank_zero_user_warn(
+            f"DPStrategy: σ = {self._noise_multiplier:.4f} comes from the checkpoint, calibrated for a shorter run; "
+            f"the resumed run's {remaining} remaining steps would end at ε = {final:.3f} > target_epsilon="
+            f"{self.target_epsilon:g}, so it stops after {low} of them, at ε = {self.epsilon_after(low):.3f}. Resume "
+            "with the original max_epochs/max_steps, or raise `target_epsilon` to the total you accept."
+        )
+        return self.steps + low
 
     def _refresh_hooks(self, verbose: bool = False) -> None:
         """Re-attach the per-sample hooks when the set of trainable parameters changed."""
