@@ -20,6 +20,7 @@ memory back at the end of a fit (``malloc_trim``); the thresholds stay for later
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -40,6 +41,7 @@ _OTHER_MALLOCS = ("tcmalloc", "jemalloc", "mimalloc")
 _tuned = False
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None

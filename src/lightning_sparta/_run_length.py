@@ -86,3 +86,8 @@ def lift_unmet_minimums(trainer: pl.Trainer) -> tuple[list[str], tuple[int | Non
     fit_loop.min_epochs = None
     fit_loop.epoch_loop.min_steps = None
     return unmet, (min_epochs, min_steps)
+
+
+def restore_minimums(trainer: pl.Trainer, saved: tuple[int | None, int | None]) -> None:
+    """Give ``trainer`` back the ``(min_epochs, min_steps)`` that :func:`lift_unmet_minimums` returned."""
+    trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = saved

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from lightning_sparta._logging import debug, get_logger, info, rank_zero_user_warn, shorten, warn
 from lightning_sparta._malloc import keep_freed_memory, release_freed_memory, why_not_tuned
-from lightning_sparta._run_length import lift_unmet_minimums, note_max_epochs, planned_steps
+from lightning_sparta._run_length import lift_unmet_minimums, note_max_epochs, planned_steps, restore_minimums
 from lightning_sparta.privacy.accountant import (
     ACCOUNTANT_NAMES,
     AccountantName,
@@ -639,16 +639,17 @@ class DPStrategy(DDPStrategy):
                 "them instead; every step is accounted either way."
             )
         state, self._pending_state = self._pending_state, None
-        resumed_end = None
+        planned_end = None  # under target_epsilon: the accounted step the run is planned to end at
         if state is not None:
             self._noise_multiplier = state["noise_multiplier"]
             self.accountant.history = [tuple(h) for h in state["history"]]
             self._non_private_reason = state.get("non_private_reason")
-            resumed_end = self._check_resumed_plan(trainer)
+            planned_end = self._check_resumed_plan(trainer)
         elif self.target_epsilon is not None:
             # a second fit with the same Trainer continues its loops: only the steps left are taken, and
             # target_epsilon bounds them together with the history (an earlier fit, a privacy_state)
             steps = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
+            planned_end = self.steps + steps
             if steps > 0:
                 self._calibrate(steps)
                 info(_log, self._calibration_banner(steps))
@@ -663,12 +664,10 @@ class DPStrategy(DDPStrategy):
         # the rate σ holds for: a reloaded training set of another size gets σ recalibrated (on_train_batch_start)
         self._calibrated_for = (self.sample_rate, self.num_samples) if self.target_epsilon is not None else None
         self._stopped_at_target = False
-        self._planned_end = None
-        if resumed_end is not None:
-            self._planned_end = resumed_end
-        elif self.target_epsilon is not None:
+        if planned_end is None and self.target_epsilon is not None:  # a resumed run within its plan
             left = planned_steps(trainer, done_epochs=trainer.current_epoch, done_steps=trainer.global_step)
-            self._planned_end = self.steps + left
+            planned_end = self.steps + left
+        self._planned_end = planned_end
         self._refresh_hooks()
         self._report_paths(trainer)
 
@@ -677,9 +676,9 @@ class DPStrategy(DDPStrategy):
         super().on_train_batch_start(batch, batch_idx)
         if self._calibrated_for is not None and self.sample_rate != self._calibrated_for[0]:
             self._recalibrate_for_new_training_set()
-        if self._stopped_at_target and self.epsilon_after(1) > self.target_epsilon:
+        if self._stopped_at_target and (after := self.epsilon_after(1)) > self.target_epsilon:
             raise RuntimeError(
-                f"DPStrategy: step {self.steps + 1} would bring ε to {self.epsilon_after(1):.4f} > "
+                f"DPStrategy: step {self.steps + 1} would bring ε to {after:.4f} > "
                 f"target_epsilon={self.target_epsilon:g}, and the Trainer went on after the strategy asked it to "
                 "stop (`trainer.should_stop` reset?). No step beyond the target is taken."
             )
@@ -1308,7 +1307,7 @@ class DPStrategy(DDPStrategy):
         if self._saved_minimums is not None:  # give the Trainer back the minimums lowered to stop at the target
             trainer = self.lightning_module.trainer if self._lightning_module is not None else None
             if trainer is not None:
-                trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+                restore_minimums(trainer, self._saved_minimums)
             self._saved_minimums = None
         if self._malloc_tuned:
             release_freed_memory()

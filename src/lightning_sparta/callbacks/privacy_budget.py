@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_sparta._logging import get_logger, info, rank_zero_user_warn
-from lightning_sparta._run_length import lift_unmet_minimums
+from lightning_sparta._run_length import lift_unmet_minimums, restore_minimums
 from lightning_sparta.privacy.accountant import validate_delta
 from lightning_sparta.strategy import DPStrategy
 
@@ -311,7 +311,7 @@ class PrivacyBudgetCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._saved_minimums is not None:  # give the Trainer back the minimums lowered to stop in budget
-            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+            restore_minimums(trainer, self._saved_minimums)
             self._saved_minimums = None
 
     def summary(self, strategy: DPStrategy) -> str:

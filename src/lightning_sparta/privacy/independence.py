@@ -25,17 +25,15 @@ batch of real shape.
 
 from __future__ import annotations
 
-import random
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_sparta.privacy.per_sample import PerSampleGradients, has_grad_sample, sum_of_losses
-from lightning_sparta.privacy.sampler import batch_size_of, map_batch
+from lightning_sparta.privacy.sampler import batch_size_of, map_batch, seed_every_generator
 from lightning_sparta.privacy.sampler import restored_randomness as _same_randomness
 
 
@@ -54,12 +52,6 @@ def _replaced(batch: Any, size: int, target: int, source: int) -> Any:
         return t
 
     return map_batch(batch, replace)
-
-
-def _reseed(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def _removed_last(batch: Any, size: int) -> Any:
@@ -174,7 +166,7 @@ def check_sample_independence(module: nn.Module, batch: Any, tolerance: float = 
         with _same_randomness():
             full = _per_sample_norms(module, hooks, batch, size)
         with _same_randomness():
-            _reseed(2**31 - 1)
+            seed_every_generator(2**31 - 1)
             random_step = not torch.allclose(_per_sample_norms(module, hooks, batch, size), full, rtol=tolerance)
         if random_step:
             warnings.warn(

@@ -358,6 +358,13 @@ def restored_randomness() -> Iterator[None]:
         np.random.set_state(states[3])
 
 
+def seed_every_generator(seed: int) -> None:
+    """Seed torch's, ``random``'s and NumPy's generators alike (inside :func:`restored_randomness`)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 SUMMARY_EXAMPLES = 8  # examples loaded by `example_summaries`
 _SUMMARY_STATS = 5  # numbers per example
 
@@ -378,9 +385,7 @@ def example_summaries(dataset: Dataset, count: int = SUMMARY_EXAMPLES) -> list[f
     out: list[float] = []
     with restored_randomness():
         for i in indices:
-            torch.manual_seed(i)
-            random.seed(i)
-            np.random.seed(i)
+            seed_every_generator(i)
             values = torch.cat([v.reshape(-1) for v in _numbers(dataset[i])] or [torch.zeros(0, dtype=torch.float64)])
             weights = torch.arange(values.numel(), dtype=torch.float64) % 7 + 1
             out += [
@@ -531,6 +536,7 @@ __all__ = [
     "expected_batch_size",
     "map_batch",
     "restored_randomness",
+    "seed_every_generator",
     "split_batch",
     "steps_per_epoch",
     "training_data",
